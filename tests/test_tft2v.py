@@ -1,0 +1,159 @@
+"""TF-T2V branches of tft2v.py: what each branch feeds the UNet, which layers it trains, condition
+dropout, the frozen CLIP, and generation."""
+
+import pytest
+import torch
+
+import clip_tiny
+import unet3d
+from tft2v import TFT2V, TFT2VConfig
+
+CAPTIONS = ["a big red circle", "a small blue square", "a big green triangle moving left", ""]
+
+
+def make_model(**tft2v_overrides):
+    torch.manual_seed(0)
+    tokenizer = clip_tiny.Tokenizer.train([c for c in CAPTIONS if c] * 4, vocab_size=600)
+    clip = clip_tiny.CLIP(clip_tiny.CLIPConfig(
+        embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+        context_length=12, vocab_size=tokenizer.vocab_size, transformer_width=32,
+        transformer_heads=2, transformer_layers=2))
+    unet = unet3d.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_levels=(1,), head_dim=16, context_dim=32,
+                             num_groups=8)
+    return TFT2V(clip, tokenizer, unet, TFT2VConfig(**tft2v_overrides))
+
+
+def record_contexts(model):
+    """Wrap the UNet so each call's (context, use_temporal) is kept for inspection."""
+    calls, forward = [], model.unet.forward
+
+    def spy(x, t, context, use_temporal=True):
+        calls.append((context.detach().clone(), use_temporal))
+        return forward(x, t, context, use_temporal=use_temporal)
+
+    model.unet.forward = spy
+    return calls
+
+
+def slots(model, context):
+    """(text slot, image slot) of a context (B, L + 4, D), each reduced to 'is non-zero' (B,)."""
+    L = model.clip.config.context_length
+    return context[:, :L].abs().sum((1, 2)) > 0, context[:, L:].abs().sum((1, 2)) > 0
+
+
+def test_content_branch_gives_text_or_image_never_both():
+    model = make_model(p_drop_each=0.0, p_drop_all=0.0)
+    calls = record_contexts(model)
+    images = torch.rand(16, 3, 1, 16, 16) * 2 - 1
+    for _ in range(4):
+        model.content_loss(images, ["a big red circle"] * 16)
+    text_on, image_on = zip(*(slots(model, ctx) for ctx, _ in calls))
+    text_on, image_on = torch.cat(text_on), torch.cat(image_on)
+    assert torch.all(text_on ^ image_on)  # exactly one condition per sample
+    assert 0 < text_on.sum() < len(text_on)  # and both kinds occur
+    assert all(use_temporal is False for _, use_temporal in calls)
+
+
+def test_content_branch_with_dropout_never_gives_both():
+    model = make_model(p_drop_each=0.3, p_drop_all=0.2)
+    calls = record_contexts(model)
+    for _ in range(4):
+        model.content_loss(torch.rand(16, 3, 16, 16) * 2 - 1, ["a small blue square"] * 16)
+    for ctx, _ in calls:
+        text_on, image_on = slots(model, ctx)
+        assert not torch.any(text_on & image_on)
+
+
+def test_content_branch_backward_leaves_every_temporal_grad_none():
+    model = make_model()
+    loss, _ = model.content_loss(torch.rand(4, 3, 1, 16, 16) * 2 - 1, CAPTIONS)
+    loss.backward()
+    temporal = list(model.unet.temporal_parameters())
+    assert temporal and all(p.grad is None for p in temporal)
+    assert all(p.grad is not None for p in model.unet.spatial_parameters())
+    assert all(p.grad is None for p in model.clip.parameters())
+
+
+def test_text_free_motion_branch_has_zero_text_slot_and_image_condition():
+    model = make_model(p_drop_each=0.0, p_drop_all=0.0)
+    calls = record_contexts(model)
+    loss, parts = model.motion_loss(torch.rand(3, 3, 4, 16, 16) * 2 - 1)
+    (ctx, use_temporal), = calls
+    text_on, image_on = slots(model, ctx)
+    assert not text_on.any() and image_on.all() and use_temporal is True
+    assert "motion" in parts and "motion_coh" in parts
+
+
+def test_paired_motion_branch_gives_text_and_image():
+    model = make_model(p_drop_each=0.0, p_drop_all=0.0)
+    calls = record_contexts(model)
+    model.motion_loss(torch.rand(3, 3, 4, 16, 16) * 2 - 1, CAPTIONS[:3])
+    text_on, image_on = slots(model, calls[0][0])
+    assert text_on.all() and image_on.all()
+
+
+@pytest.mark.parametrize("choice,frame", [("middle", 2), ("first", 0)])
+def test_image_condition_comes_from_the_chosen_frame(choice, frame):
+    model = make_model(cond_frame=choice, p_drop_each=0.0, p_drop_all=0.0)
+    videos = torch.stack([torch.full((3, 16, 16), v) for v in (-0.9, -0.4, 0.1, 0.6, 0.9)], 1)
+    videos = videos.unsqueeze(0).repeat(2, 1, 1, 1, 1)  # (2, 3, 5, 16, 16), frames distinct
+    seen = []
+    embed = model.embed_image
+    model.embed_image = lambda images: seen.append(images.clone()) or embed(images)
+    model.motion_loss(videos)
+    assert torch.equal(seen[0], videos[:, :, frame])
+
+
+def test_condition_dropout_rates():
+    torch.manual_seed(0)
+    model = make_model(p_drop_each=0.2, p_drop_all=0.1)
+    on = torch.ones(200_000, dtype=torch.bool)
+    text_on, image_on = model.condition_dropout(on, on)
+    assert text_on.float().mean().item() == pytest.approx(0.9 * 0.8, abs=0.005)
+    assert image_on.float().mean().item() == pytest.approx(0.9 * 0.8, abs=0.005)
+    none = (~text_on & ~image_on).float().mean().item()
+    assert none == pytest.approx(0.1 + 0.9 * 0.2 * 0.2, abs=0.005)
+    off_text, _ = model.condition_dropout(~on, on)  # an absent condition stays absent
+    assert not off_text.any()
+
+
+def test_clip_gets_no_gradient_and_stays_in_eval_mode():
+    model = make_model()
+    model.train()
+    assert not model.clip.training
+    loss, _ = model.motion_loss(torch.rand(2, 3, 4, 16, 16) * 2 - 1, CAPTIONS[:2])
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.clip.parameters())
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert any(p.grad is not None for p in model.image_mlp.parameters())
+
+
+def test_motion_loss_is_base_plus_lambda_times_coherence():
+    videos = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    losses = {}
+    for lam in (0.0, 1.0):
+        model = make_model(coherence_weight=lam, p_drop_each=0.0, p_drop_all=0.0)
+        torch.manual_seed(1)
+        losses[lam] = model.motion_loss(videos)
+    (l0, p0), (l1, p1) = losses[0.0], losses[1.0]
+    assert l0.item() == pytest.approx(p0["motion"], rel=1e-5)
+    assert l1.item() == pytest.approx(p1["motion"] + p1["motion_coh"], rel=1e-5)
+
+
+def test_empty_prompt_is_the_zero_text_condition():
+    model = make_model()
+    text = model.encode_text(["", "a big red circle"])
+    assert text[0].abs().sum() == 0 and text[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["text", "image", "image+text"])
+def test_generate_shapes_range_and_determinism(mode):
+    model = make_model().eval()
+    prompts = ["a big red circle", "a small blue square"] if "text" in mode else None
+    images = torch.rand(2, 3, 16, 16) * 2 - 1 if "image" in mode else None
+    kw = dict(prompts=prompts, images=images, frames=3, size=(16, 8), steps=3, seed=5)
+    a, b = model.generate(**kw), model.generate(**kw)
+    assert a.shape == (2, 3, 3, 16, 8)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
