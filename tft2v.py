@@ -20,7 +20,9 @@ L text tokens, D context width, E CLIP embedding width. Videos are (B, C, F, H, 
 images are videos with F = 1.
 """
 
+import glob
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -442,3 +444,41 @@ class TFT2V(nn.Module):
         else:
             raise ValueError(f"unknown sampler {sampler!r}: use ddim or ddpm")
         return x0.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Checkpoints (written by train.py): every config, the tokenizer's merges and all weights
+
+CHECKPOINT_FORMAT = "tft2v-checkpoint-v1"
+
+
+def model_from_checkpoint(state, use_ema=False):
+    """Rebuild a TFT2V from a loaded checkpoint dict; with use_ema, the EMA weights."""
+    cfg = state["configs"]
+    clip = clip_tiny.CLIP(clip_tiny.CLIPConfig(**cfg["clip"]))
+    tokenizer = clip_tiny.Tokenizer(state["merges"])
+    model = TFT2V(clip, tokenizer, unet3d.UNetConfig(**cfg["unet"]), TFT2VConfig(**cfg["tft2v"]),
+                  DiffusionConfig(**cfg["diffusion"]))
+    model.load_state_dict(state["model"])
+    if use_ema:
+        model.load_state_dict(state["ema"], strict=False)
+    return model.eval()
+
+
+def load_checkpoint(path, use_ema=True, device="cpu"):
+    """A train.py checkpoint file, or a run folder (its newest checkpoint) -> (model, configs).
+    Raises ValueError with a one-line reason for a missing or foreign file."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))
+        if not found:
+            raise ValueError(f"no checkpoint (ckpt_*.pt) in folder {path}")
+        path = found[-1]
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and torch errors all mean the same to a user
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a tft2v checkpoint written by train.py")
+    return model_from_checkpoint(state, use_ema).to(device), state["configs"]

@@ -1,0 +1,139 @@
+"""sample.py: generate videos from a trained tft2v checkpoint (TF-T2V inference).
+
+    text -> video          python sample.py --ckpt runs/quick --prompt "a big red circle moving right"
+    image -> video         python sample.py --ckpt runs/quick --image frame.png
+    image + text -> video  python sample.py --ckpt runs/quick --image frame.png --prompt "... left"
+
+DDIM (or DDPM) with classifier-free guidance against the null context, as the official sampler.
+`--out` picks the format by its extension: .gif, .mp4 (needs an imageio ffmpeg backend) or .png
+(a filmstrip: one row per video). With several videos, .gif/.mp4 names get _00, _01, ... suffixes.
+The same checkpoint, prompt and seed give the same video.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tft2v
+from data import video
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (its newest)")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable; '' = unconditional")
+    p.add_argument("--prompts-file", default="", help="one prompt per line")
+    p.add_argument("--image", action="append", default=[],
+                   help="condition image(s): one for all prompts, or one per prompt")
+    p.add_argument("--num", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--frames", type=int, default=None, help="default: the training clip length")
+    p.add_argument("--size", type=int, default=None, help="default: the training resolution")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=9.0)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="samples/video.gif", help=".gif, .mp4 or .png")
+    p.add_argument("--fps", type=int, default=8)
+    return p.parse_args(argv)
+
+
+def load_image(path, size):
+    """An image file -> (3, size, size) in [-1, 1]: RGB, centre-cropped square, resized."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}")
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)  # (H, W, 3)
+    return x.permute(2, 0, 1)  # (3, H, W)
+
+
+def output_paths(out, count):
+    stem, ext = os.path.splitext(out)
+    if ext.lower() not in (".gif", ".mp4", ".png"):
+        raise ValueError(f"--out must end in .gif, .mp4 or .png, got {out!r}")
+    if ext.lower() == ".png" or count == 1:
+        return [out]
+    return [f"{stem}_{i:02d}{ext}" for i in range(count)]
+
+
+def check_prompts(prompts, model):
+    """Over-long prompts are truncated by the tokenizer; say so once per prompt."""
+    limit = model.clip.config.context_length - 2  # start and end tokens
+    for p in prompts:
+        n = len(model.tokenizer.encode(p))
+        if n > limit:
+            print(f"warning: prompt truncated to {limit} of its {n} tokens: {p[:60]!r}",
+                  file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    try:
+        if args.steps <= 0:
+            raise ValueError(f"--steps must be positive, got {args.steps}")
+        if args.num <= 0:
+            raise ValueError(f"--num must be positive, got {args.num}")
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            with open(args.prompts_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts and not args.image:
+            raise ValueError("give --prompt, --prompts-file or --image")
+        output_paths(args.out, 1)  # checks the extension before any work
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create output folder {out_dir}: {e.strerror}")
+        if not os.access(out_dir, os.W_OK):
+            raise ValueError(f"output folder {out_dir} is not writable")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if args.device == "auto" else args.device))
+        model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
+        frames = args.frames or configs["shapes"]["frames"]
+        size = args.size or configs["shapes"]["resolution"]
+        if frames <= 0 or size <= 0:
+            raise ValueError("--frames and --size must be positive")
+        images = [load_image(p, size) for p in args.image]
+        n = max(len(prompts), len(images))
+        if len(images) not in (0, 1, n) or len(prompts) not in (0, 1, n):
+            raise ValueError(f"{len(prompts)} prompts and {len(images)} images do not pair up")
+        prompts = (prompts * n if len(prompts) == 1 else prompts) or None
+        images = torch.stack(images * n if len(images) == 1 else images) if images else None
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if prompts:
+        check_prompts(prompts, model)
+    videos = torch.cat([
+        model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
+                       guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
+                       eta=args.eta, progress=True)
+        for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
+    paths = output_paths(args.out, len(videos))
+    if len(paths) == 1:
+        video.write_video(paths[0], videos if len(videos) > 1 else videos[0], fps=args.fps)
+    else:
+        for path, v in zip(paths, videos):
+            video.write_video(path, v, fps=args.fps)
+    for path in paths:
+        print(path)
+    print(f"{len(videos)} video(s) in {time.time() - t0:.1f} s", file=sys.stderr)
+    return videos
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""train.py and sample.py end to end on a tiny Shapes run: branch mixes, exact resume, DDP with
+gloo, a checkpoint driving sample.py, and clear errors on bad input."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import sample
+import train
+
+TINY = ["--clip_steps", "3", "--clip_batch", "16", "--image_batch", "4", "--video_batch", "2",
+        "--shapes.resolution", "16", "--shapes.frames", "4", "--clip.image_resolution", "16",
+        "--clip.vision_patch_size", "8", "--clip.vision_layers", "1", "--clip.vision_width", "64",
+        "--clip.transformer_layers", "1", "--clip.transformer_width", "32", "--clip.embed_dim", "16",
+        "--unet.model_channels", "16", "--unet.temporal_conv_layers", "2",
+        "--unet.channel_mult", "(1, 2)", "--unet.attention_levels", "(1,)", "--unet.num_groups", "8",
+        "--precision", "fp32", "--warmup", "2", "--preview_every", "1000",
+        "--preview_prompts", "", "--log_every", "1"]
+
+
+def run(tmp_path, *extra, name="run"):
+    configs = train.parse_args(TINY + ["--out", str(tmp_path / name), *extra])
+    return train.train(configs)
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("branches,mode", [("content,motion", "cycle"),
+                                           ("content,motion,paired", "random"),
+                                           ("motion,paired", "cycle")])
+def test_a_few_steps_of_each_branch_mix_train_and_log(tmp_path, branches, mode):
+    model, ckpt = run(tmp_path, "--steps", "3", "--branches", branches, "--branch_mode", mode)
+    assert os.path.exists(ckpt)
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 3
+
+
+def test_resume_n_plus_n_equals_2n(tmp_path):
+    full, _ = run(tmp_path, "--steps", "4", "--ckpt_every", "2", "--branches",
+                  "content,motion,paired", name="full")
+    run(tmp_path, "--steps", "2", "--ckpt_every", "2", "--branches", "content,motion,paired",
+        name="split")
+    resumed, ckpt = run(tmp_path, "--steps", "4", "--ckpt_every", "2", "--resume",
+                        "--branches", "content,motion,paired", name="split")
+    a, b = trainable_state(full), trainable_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    ema_full = torch.load(tmp_path / "full" / "ckpt_0000004.pt", weights_only=False)["ema"]
+    ema_split = torch.load(ckpt, weights_only=False)["ema"]
+    assert all(torch.allclose(ema_full[k], ema_split[k], atol=1e-6) for k in ema_full)
+
+
+def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
+    run(tmp_path, "--steps", "1")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tmp_path, "--steps", "2")
+    with pytest.raises(SystemExit, match="other unet settings"):
+        run(tmp_path, "--steps", "2", "--resume", "--unet.model_channels", "8")
+
+
+def test_command_line_values_are_type_checked(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--steps", "many"])
+    assert "expected int" in capsys.readouterr().err
+    configs = train.parse_args(["--preset", "toy", "--tft2v.coherence_weight", "0",
+                                "--unet.channel_mult", "(1, 2)"])
+    assert configs["tft2v"].coherence_weight == 0.0 and configs["unet"].channel_mult == (1, 2)
+    assert configs["tft2v"].semi_supervised is True
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        run(tmp_path, "--steps", "3", "--lr", "1e30", "--grad_clip", "1e30")
+
+
+def _ddp_worker(rank, port, tmp, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model, _ = train.train(train.parse_args(TINY + [
+        "--out", tmp, "--steps", "3", "--branches", "content,motion", "--branch_mode", "rank"]))
+    torch.save(trainable_state(model), os.path.join(result, f"rank{rank}.pt"))
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
+    assert start["step"] == 3 and len(start["ranks"]) == 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    _, path = train.train(train.parse_args(TINY + ["--out", str(tmp / "run"), "--steps", "2"]))
+    return path
+
+
+def test_checkpoint_drives_sample_py_and_same_seed_gives_same_video(checkpoint, tmp_path,
+                                                                     capsys):
+    args = ["--ckpt", checkpoint, "--prompt", "a big red circle moving right", "--prompt", "",
+            "--steps", "3", "--seed", "3"]
+    a = sample.main(args + ["--out", str(tmp_path / "a.gif")])
+    b = sample.main(args + ["--out", str(tmp_path / "strip.png")])
+    printed = capsys.readouterr().out.split()
+    assert str(tmp_path / "a_00.gif") in printed and str(tmp_path / "strip.png") in printed
+    assert (tmp_path / "a_01.gif").exists() and (tmp_path / "strip.png").exists()
+    assert a.shape == (2, 3, 4, 16, 16) and torch.equal(a, b)
+
+
+def test_sample_py_run_folder_and_image_conditioning(checkpoint, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    v = sample.main(["--ckpt", os.path.dirname(checkpoint), "--image", str(tmp_path / "red.png"),
+                     "--steps", "2", "--frames", "3", "--out", str(tmp_path / "v.gif")])
+    assert v.shape == (1, 3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint"),
+    (["--steps", "-1"], "--steps must be positive"),
+    (["--out", "/proc/forbidden/x.gif"], "output folder"),
+    (["--out", "x.avi"], "must end in"),
+])
+def test_sample_py_bad_input_gives_one_line_error(checkpoint, tmp_path, bad, message):
+    opts = {"--ckpt": checkpoint, "--prompt": "a red circle", "--steps": "2",
+            "--out": str(tmp_path / "x.gif")}
+    opts.update(zip(bad[::2], bad[1::2]))
+    with pytest.raises(SystemExit, match=message):
+        sample.main([item for pair in opts.items() for item in pair])
+
+
+def test_sample_py_rejects_a_foreign_checkpoint(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a tft2v checkpoint"):
+        sample.main(["--ckpt", str(tmp_path / "other.pt"), "--prompt", "x"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable"):
+        sample.main(["--ckpt", str(tmp_path / "junk.pt"), "--prompt", "x"])
+
+
+def test_over_long_prompt_is_truncated_with_a_warning(checkpoint, tmp_path, capsys):
+    long_prompt = " ".join(["a big red circle moving right"] * 20)
+    sample.main(["--ckpt", checkpoint, "--prompt", long_prompt, "--steps", "2",
+                 "--out", str(tmp_path / "long.gif")])
+    assert "truncated" in capsys.readouterr().err

@@ -1,0 +1,515 @@
+"""train.py: the TF-T2V training program (TF-T2V §3, Fig. 2; setup of §4).
+
+Two stages:
+1. "clip": train the tiny CLIP on the image-text pairs (or load one: ours, or a real OpenAI-format
+   state dict with its merges file). It is frozen from then on.
+2. "diffusion": joint training of one UNet by the two branches. Every optimiser step takes one
+   branch (TF-T2V §3.1):
+      content  image-text pairs      text OR image condition   spatial layers only
+      motion   text-free videos      middle-frame image embed   spatial + temporal, + L_coh
+      paired   video-text pairs      image embed + caption      (semi-supervised, §3.4)
+   chosen by a fixed cycle or by proportions; under DistributedDataParallel each rank can instead
+   keep one branch, as the official code does (1 rank in 8 on images).
+
+Usage:
+    python train.py --preset quick                       # CPU, minutes (the README's main job)
+    python train.py --preset toy --out runs/toy
+    python train.py --preset quick --resume              # continue exactly where it stopped
+    torchrun --nproc_per_node 2 train.py --preset gpu    # DDP (gloo on CPU, NCCL on CUDA)
+    python train.py --help                               # every setting, with its default
+
+Every dataclass field below is a command-line flag: TrainConfig fields as --name, the others with
+their section as prefix, e.g. --unet.model_channels 64, --tft2v.coherence_weight 0.0,
+--shapes.n_textfree 8000, --diffusion.prediction eps.
+"""
+
+import argparse
+import ast
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import clip_tiny
+import tft2v
+import unet3d
+from data import shapes, video
+from data.folders import ImageTextFolder, VideoFolder, VideoTextFolder
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/quick"  # run folder: checkpoints, log.jsonl, previews
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where it is faster) | fp32 | bf16
+    # stage 1: CLIP
+    clip_ckpt: str = ""  # load this CLIP instead of training one (ours, or OpenAI's state dict)
+    clip_merges: str = ""  # merges file for an OpenAI-format CLIP (bpe_simple_vocab_16e6.txt.gz)
+    clip_steps: int = 600
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    # stage 2: diffusion
+    steps: int = 1000
+    image_batch: int = 32  # content-branch batch (images)
+    video_batch: int = 8  # motion-branch batch (clips)
+    branches: str = "content,motion"  # a fixed cycle over these names (repeat to weight)
+    branch_mode: str = "cycle"  # cycle | random (draw from the list above) | rank (DDP)
+    lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    compile: bool = False  # torch.compile the UNet
+    grad_checkpoint: bool = False
+    # bookkeeping
+    ckpt_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    preview_every: int = 500
+    preview_prompts: str = "a big red circle moving right;a small blue square moving up"
+    resume: bool = False
+    # a user's own data instead of the Shapes world (see data/folders.py)
+    images_dir: str = ""
+    images_captions: str = ""
+    videos_dir: str = ""
+    videos_captions: str = ""  # captions of (some) videos: the "paired" branch
+
+
+def presets():
+    """Named presets: every config for a run. `quick` is the README's main job on a CPU."""
+    quick = dict(
+        train=TrainConfig(),
+        shapes=shapes.ShapesConfig(),
+        clip=copy.deepcopy(clip_tiny.PRESETS["tiny"]),
+        unet=copy.deepcopy(unet3d.PRESETS["tiny"]),
+        tft2v=tft2v.TFT2VConfig(),
+        diffusion=tft2v.DiffusionConfig(),
+    )
+    toy = copy.deepcopy(quick)
+    toy["train"] = dataclasses.replace(
+        quick["train"], out="runs/toy", steps=6000, branches="content,motion,paired",
+        ckpt_every=1000, preview_every=1000)
+    toy["tft2v"].semi_supervised = True
+    gpu = copy.deepcopy(toy)
+    gpu["train"] = dataclasses.replace(
+        toy["train"], out="runs/gpu", steps=20000, image_batch=64, video_batch=16, clip_steps=2000)
+    gpu["shapes"] = dataclasses.replace(quick["shapes"], resolution=64, frames=16)
+    gpu["clip"] = dataclasses.replace(quick["clip"], image_resolution=64)
+    gpu["unet"] = dataclasses.replace(quick["unet"], model_channels=64)
+    return {"quick": quick, "toy": toy, "gpu": gpu}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one flag per dataclass field, typed like its default
+
+
+def parse_value(text, default):
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    if isinstance(default, (int, float, str)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {type(default).__name__}, got {text!r}")
+    value = ast.literal_eval(text)  # tuples and lists: --unet.channel_mult "(1, 2, 2)"
+    if not isinstance(value, type(default)):
+        raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}, got {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    """Returns the configs of the chosen preset with the command line's overrides applied."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="quick", choices=sorted(presets()))
+    known, _ = pre.parse_known_args(argv)
+    configs = presets()[known.preset]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], parents=[pre],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for section, cfg in configs.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cfg):
+            default = getattr(cfg, f.name)
+            flag = f"--{f.name}" if section == "train" else f"--{section}.{f.name}"
+            if isinstance(default, bool) and section == "train":
+                group.add_argument(flag, nargs="?", const="true", default=default,
+                                   type=lambda s, d=default: parse_value(s, d), dest=flag[2:])
+            else:
+                group.add_argument(flag, default=default, dest=flag[2:],
+                                   type=lambda s, d=default: parse_value(s, d))
+    args = vars(parser.parse_args(argv))
+    for key, value in args.items():
+        section, _, name = key.rpartition(".")
+        if key != "preset":
+            setattr(configs[section or "train"], name, value)
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, data
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_precision(name, device):
+    """bf16 autocast where it is faster: CUDA with bf16, or a CPU with bf16 matrix instructions
+    (avx512_bf16 / amx_bf16; measured ~3x faster than fp32 on such a CPU, see bench.py)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+class BatchStream:
+    """Endless shuffled batches from a dataset, resumable: the state is (epoch, position), and the
+    order of an epoch depends only on (seed, epoch)."""
+
+    def __init__(self, dataset, batch_size, seed):
+        if len(dataset) == 0:
+            raise ValueError("empty dataset")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.pos, self._perm = 0, 0, None
+
+    def _order(self):
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        return self._perm
+
+    def next(self):
+        idx = []
+        while len(idx) < self.batch_size:
+            take = self._order()[self.pos: self.pos + self.batch_size - len(idx)]
+            idx += take
+            self.pos += len(take)
+            if self.pos >= len(self.dataset):
+                self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        if hasattr(self.dataset, "batch"):  # the Shapes world renders a batch at once
+            return self.dataset.batch(idx)
+        items = [self.dataset[i] for i in idx]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._perm = state["epoch"], state["pos"], None
+
+
+def datasets(cfg, shapes_cfg):
+    """Branch name -> dataset: the Shapes world, or a user's folders when any folder is given."""
+    if not (cfg.images_dir or cfg.videos_dir):
+        return {"content": shapes.ShapesDataset("images", shapes_cfg),
+                "motion": shapes.ShapesDataset("textfree", shapes_cfg),
+                "paired": shapes.ShapesDataset("paired", shapes_cfg)}
+    res, frames = shapes_cfg.resolution, shapes_cfg.frames
+    out = {}
+    if cfg.images_dir:
+        out["content"] = ImageTextFolder(cfg.images_dir, cfg.images_captions, resolution=res)
+    if cfg.videos_dir:
+        out["motion"] = VideoFolder(cfg.videos_dir, frames=frames, resolution=res)
+        if cfg.videos_captions:
+            out["paired"] = VideoTextFolder(cfg.videos_dir, cfg.videos_captions, frames=frames,
+                                            resolution=res)
+    return out
+
+
+def branch_at(cfg, step, rank):
+    """Which branch trains at this step (on this rank)."""
+    names = [b.strip() for b in cfg.branches.split(",") if b.strip()]
+    if cfg.branch_mode == "cycle":
+        return names[step % len(names)]
+    if cfg.branch_mode == "random":  # a pure function of (seed, step), so resuming is exact
+        return random.Random(cfg.seed * 1_000_003 + step).choice(names)
+    if cfg.branch_mode == "rank":  # official: each GPU keeps a branch
+        return names[rank % len(names)]
+    raise ValueError(f"unknown branch_mode {cfg.branch_mode!r}: cycle, random or rank")
+
+
+def lr_at(cfg, step):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file holds every config, the tokenizer's merges, all weights, and (for
+# --resume) the optimiser, EMA, RNG and data positions. tft2v.load_checkpoint reads it back.
+
+MODEL_SECTIONS = ("shapes", "clip", "unet", "tft2v", "diffusion")
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoints(out):
+    return sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))
+
+
+def rank_state(streams):
+    """What differs between DDP ranks: RNG states and data positions (gathered to rank 0)."""
+    state = {"streams": {k: s.state_dict() for k, s in streams.items()},
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def load_rank_state(state, streams):
+    for k, s in streams.items():
+        s.load_state_dict(state["streams"][k])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def save_checkpoint(cfg, configs, model, ema, opt, ranks, step):
+    state = {
+        "format": tft2v.CHECKPOINT_FORMAT,
+        "configs": {k: asdict(v) for k, v in configs.items()},
+        "merges": clip_tiny.merges_of(model.tokenizer),
+        "model": model.state_dict(),
+        "ema": ema,
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "ranks": ranks,
+    }
+    path = os.path.join(cfg.out, f"ckpt_{step:07d}.pt")
+    save_atomic(state, path)
+    for old in checkpoints(cfg.out)[: -cfg.keep_last]:
+        os.remove(old)
+    return path
+
+
+def check_same_model(saved, configs, path):
+    """--resume rebuilds the model from the checkpoint: its CLIP (stage 1 is done) and configs.
+    Model and data flags that disagree with it are an error; the schedule (steps, lr, ...) may
+    change."""
+    configs["clip"] = clip_tiny.CLIPConfig(**saved["clip"])
+    configs["unet"].context_dim = configs["clip"].transformer_width
+    runtime_only = {"use_checkpoint"}
+    for section in MODEL_SECTIONS:
+        now = json.loads(json.dumps(asdict(configs[section])))  # tuples -> lists, as saved
+        then = json.loads(json.dumps(saved[section]))
+        diff = sorted(k for k in set(now) | set(then)
+                      if now.get(k) != then.get(k) and k not in runtime_only)
+        if diff:
+            sys.exit(f"error: {path} was trained with other {section} settings ({', '.join(diff)});"
+                     f" use the same preset and flags, or another --out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: CLIP
+
+
+def clip_stage(cfg, configs, device):
+    if cfg.clip_ckpt:
+        if not os.path.exists(cfg.clip_ckpt):
+            sys.exit(f"error: no CLIP checkpoint at {cfg.clip_ckpt}")
+        clip, tok = clip_tiny.load_clip(cfg.clip_ckpt, merges=cfg.clip_merges or None)
+        return clip.to(device), tok
+    data = datasets(cfg, configs["shapes"])["content"]
+    clip, tok = clip_tiny.train_clip(data, configs["clip"], steps=cfg.clip_steps,
+                                     batch_size=cfg.clip_batch, lr=cfg.clip_lr, device=device,
+                                     seed=cfg.seed)
+    clip_tiny.save_clip(os.path.join(cfg.out, "clip.pt"), clip, tok)
+    return clip, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: joint diffusion training (TF-T2V Fig. 2)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for name, p in model.named_parameters():
+        if name in ema:
+            ema[name].lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def write_samples(model, ema, prompts, configs, folder, steps=20, seeds=(0,)):
+    """Generate `prompts` with the EMA weights; one GIF per prompt and a PNG filmstrip."""
+    live = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema}
+    model.load_state_dict(ema, strict=False)
+    model.eval()
+    s = configs["shapes"]
+    videos = torch.cat([model.generate(prompts, frames=s.frames, size=s.resolution, steps=steps,
+                                       seed=seed) for seed in seeds])
+    model.load_state_dict(live, strict=False)
+    model.train()
+    os.makedirs(folder, exist_ok=True)
+    paths = [video.write_video(os.path.join(folder, "filmstrip.png"), videos)]
+    for i, prompt in enumerate(prompts):
+        name = f"{i:02d}_" + "_".join(prompt.split())[:60] + ".gif"
+        paths.append(video.write_video(os.path.join(folder, name), videos[i]))
+    return paths
+
+
+def setup_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def train(configs):
+    """Runs both stages; returns (model, path of the last checkpoint)."""
+    cfg = configs["train"]
+    t_start = time.time()
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    precision = pick_precision(cfg.precision, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    os.makedirs(cfg.out, exist_ok=True)
+    existing = checkpoints(cfg.out)
+    if existing and not cfg.resume:
+        sys.exit(f"error: {cfg.out} already holds checkpoints; pass --resume to continue, "
+                 f"or choose another --out")
+    resume = torch.load(existing[-1], map_location="cpu", weights_only=False) if (
+        cfg.resume and existing) else None
+    if resume is not None:
+        check_same_model(resume["configs"], configs, existing[-1])
+    torch.manual_seed(cfg.seed)  # every rank builds the same CLIP and UNet
+    random.seed(cfg.seed)
+
+    # stage 1: CLIP, frozen from here on
+    if resume is not None:
+        model = tft2v.model_from_checkpoint(resume)
+    else:
+        clip, tok = clip_stage(cfg, configs, device)
+        configs["clip"] = clip.config
+        configs["unet"].context_dim = clip.config.transformer_width
+        model = tft2v.TFT2V(clip, tok, configs["unet"], configs["tft2v"], configs["diffusion"])
+    model.unet.config.use_checkpoint = cfg.grad_checkpoint
+    model.to(device).train()
+    if world > 1:  # CLIP is frozen, so DDP would not keep it in sync: start from rank 0's
+        for p in model.clip.parameters():
+            dist.broadcast(p.data, 0)
+    if cfg.compile:
+        model.unet.forward = torch.compile(model.unet.forward)
+
+    # stage 2: joint training
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = datasets(cfg, configs["shapes"])
+    wanted = {b.strip() for b in cfg.branches.split(",") if b.strip()}
+    missing = wanted - set(data)
+    if missing:
+        sys.exit(f"error: branch(es) {', '.join(sorted(missing))} need data that was not given")
+    batch = {"content": cfg.image_batch, "motion": cfg.video_batch, "paired": cfg.video_batch}
+    streams = {b: BatchStream(data[b], batch[b], cfg.seed * 10 + rank * 1000 + i)
+               for i, b in enumerate(sorted(wanted))}
+    torch.manual_seed(cfg.seed * 7919 + rank)  # from here on each rank draws its own noise
+    random.seed(cfg.seed * 7919 + rank)
+    start = 0
+    if resume is not None:
+        if len(resume["ranks"]) != world:
+            sys.exit(f"error: {existing[-1]} was written by {len(resume['ranks'])} process(es); "
+                     f"resume it with the same number, not {world}")
+        opt.load_state_dict(resume["optimizer"])
+        ema = {k: v.to(device) for k, v in resume["ema"].items()}
+        load_rank_state(resume["ranks"][rank], streams)
+        start = resume["step"]
+        del resume
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)  # content steps leave the temporal layers unused
+
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    prompts = [p.strip() for p in cfg.preview_prompts.split(";") if p.strip()]
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0,
+               desc=f"diffusion ({precision})", dynamic_ncols=True)
+    last_ckpt, running, t_log = (existing[-1] if existing else None), {}, time.time()
+    for step in bar:
+        branch = branch_at(cfg, step, rank)
+        x, captions = streams[branch].next()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with amp:
+            loss, parts = net(branch, x.to(device), captions if branch != "motion" else None)
+        if not torch.isfinite(loss):
+            sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} on the {branch} "
+                     f"branch; the last good checkpoint is {last_ckpt}. Try a lower --lr or "
+                     f"--precision fp32, then --resume.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, cfg.ema_decay)
+        running.update(parts)
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            rate = cfg.log_every / max(time.time() - t_log, 1e-9)
+            t_log = time.time()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"it/s": f"{rate:.1f}"})
+            log.write(json.dumps({"step": done, "lr": lr_at(cfg, step), **running}) + "\n")
+            log.flush()
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            ranks = rank_state(streams)  # a collective: every rank takes part
+            if rank == 0:
+                last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done)
+        if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
+            write_samples(model, ema, prompts, configs,
+                          os.path.join(cfg.out, "previews", f"step_{done:07d}"))
+    bar.close()
+    if rank == 0 and prompts and start < cfg.steps:
+        paths = write_samples(model, ema, prompts, configs, os.path.join(cfg.out, "samples"),
+                              steps=50, seeds=(0, 1))
+        print("wrote:\n  " + "\n  ".join(paths))
+    if rank == 0:
+        print(f"checkpoint: {last_ckpt}\ntotal time: {time.time() - t_start:.0f} s")
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return model, last_ckpt
+
+
+def main(argv=None):
+    torch.set_float32_matmul_precision("high")
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
