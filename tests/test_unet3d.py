@@ -1,0 +1,182 @@
+"""unet3d.py: shapes, the spatial/temporal split the two TF-T2V branches rely on, zero
+initialisation, frame equivariance, attention against a slow reference, conditioning."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from unet3d import PRESETS, Attention, UNet3D, UNetConfig
+
+SMALL = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_levels=(0, 1), head_dim=8, context_dim=12, num_groups=4,
+                   temporal_conv_layers=2)
+
+
+def make_model(config=SMALL, seed=0):
+    torch.manual_seed(seed)
+    return UNet3D(config)
+
+
+def inputs(B=2, F=4, H=8, W=8, config=SMALL, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, config.in_channels, F, H, W, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    context = torch.randn(B, 5, config.context_dim, generator=g)
+    return x, t, context
+
+
+@torch.no_grad()
+def perturb(params, scale=0.1, seed=2):
+    """Move weights off their initialisation (zero-initialised layers included), so that the
+    zero-initialised output head does not make every output trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("F, H, W, use_temporal", [
+    (1, 8, 8, False), (1, 8, 8, True), (8, 8, 8, True), (8, 8, 12, True), (3, 12, 8, False)])
+def test_output_shape_matches_input_for_images_videos_and_non_square_frames(F, H, W, use_temporal):
+    model = make_model()
+    x, t, context = inputs(B=2, F=F, H=H, W=W)
+    out = model(x, t, context, use_temporal=use_temporal)
+    assert out.shape == (2, SMALL.out_channels, F, H, W)
+
+
+def test_temporal_and_spatial_parameters_partition_all_parameters():
+    model = make_model()
+    temporal, spatial = model.temporal_parameters(), model.spatial_parameters()
+    ids = [id(p) for p in temporal + spatial]
+    assert len(ids) == len(set(ids))  # disjoint, no duplicates
+    assert set(ids) == {id(p) for p in model.parameters()}  # covering
+    assert len(temporal) > 0 and len(spatial) > 0
+
+
+def test_content_branch_leaves_temporal_grads_none_and_sets_every_spatial_grad():
+    model = make_model()
+    x, t, context = inputs(F=1)
+    model(x, t, context, use_temporal=False).square().mean().backward()
+    assert all(p.grad is None for p in model.temporal_parameters())
+    assert all(p.grad is not None for p in model.spatial_parameters())
+
+
+def test_motion_branch_sets_every_grad():
+    model = make_model()
+    x, t, context = inputs(F=4)
+    model(x, t, context, use_temporal=True).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_output_head_is_zero_initialised():
+    # A fresh model predicts exactly zero (official UNet: zero_module on the last conv).
+    model = make_model()
+    out = model(*inputs())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@torch.no_grad()
+def test_untrained_temporal_layers_are_identity_so_video_equals_per_frame_images():
+    model = make_model().eval()
+    perturb(model.spatial_parameters())  # temporal layers keep their zero-initialised outputs
+    x, t, context = inputs(F=4)
+    video = model(x, t, context, use_temporal=True)
+    frames = model(x, t, context, use_temporal=False)
+    one_by_one = torch.cat([model(x[:, :, f:f + 1], t, context, use_temporal=False)
+                            for f in range(x.shape[2])], dim=2)  # each frame as an F = 1 image
+    assert video.abs().max() > 1e-3
+    torch.testing.assert_close(video, frames, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(video, one_by_one, atol=1e-5, rtol=1e-5)
+    perturb(model.temporal_parameters())  # once trained, the temporal layers do mix frames
+    assert not torch.allclose(model(x, t, context, use_temporal=True), frames, atol=1e-3)
+
+
+@torch.no_grad()
+def test_permuting_frames_permutes_output_when_temporal_layers_are_off():
+    model = make_model().eval()
+    perturb(model.parameters())
+    x, t, context = inputs(F=5)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    out = model(x, t, context, use_temporal=False)
+    torch.testing.assert_close(model(x[:, :, perm], t, context, use_temporal=False),
+                               out[:, :, perm], atol=1e-5, rtol=1e-5)
+    # With temporal layers on, the temporal convolutions see frame order (no positions needed).
+    video = model(x, t, context, use_temporal=True)
+    assert not torch.allclose(model(x[:, :, perm], t, context)[:, :, perm.argsort()], video,
+                              atol=1e-3)
+
+
+def slow_attention(q, k, v):
+    """softmax(Q K^T / sqrt(d)) V, one sample and one head at a time. q (N, h, S, d)."""
+    out = torch.empty_like(q)
+    for n in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            scores = q[n, h] @ k[n, h].T / math.sqrt(q.shape[-1])  # (S, L)
+            weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
+            out[n, h] = (weights / weights.sum(dim=1, keepdim=True)) @ v[n, h]
+    return out
+
+
+@pytest.mark.parametrize("context_dim", [None, 6])
+def test_attention_matches_slow_softmax_reference(context_dim):
+    torch.manual_seed(0)
+    attn = Attention(dim=16, head_dim=4, context_dim=context_dim)  # 4 heads
+    x = torch.randn(3, 7, 16)
+    context = None if context_dim is None else torch.randn(3, 5, context_dim)
+    source = x if context is None else context
+
+    def heads(a):
+        return a.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (N, h, S, d)
+    q, k, v = heads(attn.to_q(x)), heads(attn.to_k(source)), heads(attn.to_v(source))
+    expected = attn.to_out(slow_attention(q, k, v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(attn(x, context), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_timestep_and_context_each_change_the_output():
+    model = make_model().eval()
+    perturb(model.parameters())  # the output head starts at zero: move it first
+    x, t, context = inputs()
+    out = model(x, t, context)
+    assert not torch.allclose(model(x, t + 100, context), out, atol=1e-4)
+    assert not torch.allclose(model(x, t, context + 1.0), out, atol=1e-4)
+
+
+@torch.no_grad()
+def test_long_and_float_timesteps_agree():
+    model = make_model().eval()
+    perturb(model.parameters())
+    x, t, context = inputs()
+    torch.testing.assert_close(model(x, t, context), model(x, t.float(), context))
+
+
+@torch.no_grad()
+def test_same_seed_same_output():
+    x, t, context = inputs()
+    a, b = make_model(seed=3), make_model(seed=3)
+    perturb(a.parameters()), perturb(b.parameters())
+    assert torch.equal(a(x, t, context), b(x, t, context))
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+    x, t, context = inputs()
+    grads = []
+    for use_checkpoint in (False, True):
+        model = make_model(dataclasses.replace(SMALL, use_checkpoint=use_checkpoint))
+        perturb(model.parameters())
+        out = model(x, t, context)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_presets_build_and_paper_preset_has_paper_scale():
+    tiny = UNet3D(PRESETS["tiny"])
+    assert [m.res.in_layers[2].out_channels for m in (s[0] for s in tiny.down)] == [32, 64, 64]
+    with torch.device("meta"):  # shapes only: the paper model has over a billion parameters
+        paper = UNet3D(PRESETS["paper"])
+    assert paper.conv_in.in_channels == 4 and paper.out[2].out_channels == 4
+    assert sum(p.numel() for p in paper.parameters()) > 1e9
