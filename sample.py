@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where faster) | fp32 | bf16")
     p.add_argument("--out", default="samples/video.gif", help=".gif, .mp4 or .png")
     p.add_argument("--fps", type=int, default=8)
     return p.parse_args(argv)
@@ -101,8 +102,8 @@ def main(argv=None):
             raise ValueError(f"cannot create output folder {out_dir}: {e.strerror}")
         if not os.access(out_dir, os.W_OK):
             raise ValueError(f"output folder {out_dir} is not writable")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if args.device == "auto" else args.device))
+        device = tft2v.pick_device(args.device)
+        precision = tft2v.pick_precision(args.precision, device)
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
         frames = args.frames or configs["shapes"]["frames"]
         size = args.size or configs["shapes"]["resolution"]
@@ -121,7 +122,7 @@ def main(argv=None):
     videos = torch.cat([
         model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
-                       eta=args.eta, progress=True)
+                       eta=args.eta, precision=precision, progress=True)
         for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
     paths = output_paths(args.out, len(videos))
     if len(paths) == 1:

@@ -15,6 +15,12 @@ Read top to bottom:
    the content branch (`content_loss`, TF-T2V §3.1 spatial appearance) and the motion branch
    (`motion_loss`, TF-T2V §3.1 motion dynamics, §3.4 semi-supervised), and `generate`.
 
+Deviation: diffusion runs in pixel space (3 channels, 32x32 by default) instead of the SD 2.1 VAE
+latent; `UNetConfig.in_channels = 4` and a VAE in front would restore the paper's setting.
+Deviation: samplers clamp x0_pred to [-1, 1] (`clip_x0`), right for pixels, not for latents.
+Deviation: guidance is against the null context (all conditions zero, or a negative prompt's
+text tokens when one is given) rather than the official fixed negative-prompt embedding.
+
 Tensor legend: B batch, C channels, F frames, H W height width, T diffusion steps,
 L text tokens, D context width, E CLIP embedding width. Videos are (B, C, F, H, W) in [-1, 1];
 images are videos with F = 1.
@@ -32,6 +38,30 @@ from tqdm import tqdm
 
 import clip_tiny
 import unet3d
+
+# ----------------------------------------------------------------------------------------------
+# 0. Where and in which precision to run (the one place devices are chosen)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_precision(name, device):
+    """bf16 autocast where it is faster: CUDA with bf16, or a CPU with bf16 matrix instructions
+    (avx512_bf16 / amx_bf16; measured ~3x faster than fp32 on such a CPU, see bench.py)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. Diffusion
@@ -410,10 +440,11 @@ class TFT2V(nn.Module):
     @torch.no_grad()
     def generate(self, prompts=None, images=None, frames=8, size=32, steps=50, guidance=9.0,
                  sampler="ddim", seed=0, eta=0.0, negative_prompt="", spacing="trailing",
-                 progress=False):
+                 precision="fp32", progress=False):
         """Text -> video (prompts), image -> video (images (B, 3, H, W) in [-1, 1]), or
         image + text -> video (both). Classifier-free guidance against the negative prompt
-        ("" = all conditions zero). Returns (B, C, F, H, W) in [-1, 1]."""
+        ("" = all conditions zero); precision "bf16" runs the UNet under bf16 autocast.
+        Returns (B, C, F, H, W) in [-1, 1]."""
         if prompts is None and images is None:
             raise ValueError("generate needs prompts, images or both")
         B = len(prompts) if prompts is not None else images.shape[0]
@@ -431,7 +462,8 @@ class TFT2V(nn.Module):
         use_temporal = frames > 1
 
         def model(x_t, t, c):
-            return self.unet(x_t, t, c, use_temporal=use_temporal)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                return self.unet(x_t, t, c, use_temporal=use_temporal).float()
 
         model_fn = classifier_free_guidance(model, ctx, null, guidance)
         gen = torch.Generator(device=self.device).manual_seed(seed)

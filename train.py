@@ -34,7 +34,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -56,8 +56,8 @@ class TrainConfig:
     # stage 1: CLIP
     clip_ckpt: str = ""  # load this CLIP instead of training one (ours, or OpenAI's state dict)
     clip_merges: str = ""  # merges file for an OpenAI-format CLIP (bpe_simple_vocab_16e6.txt.gz)
-    clip_steps: int = 600
-    clip_batch: int = 128
+    clip_steps: int = 1200
+    clip_batch: int = 64
     clip_lr: float = 1e-3
     # stage 2: diffusion
     steps: int = 1000
@@ -161,27 +161,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices, precision, data
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_precision(name, device):
-    """bf16 autocast where it is faster: CUDA with bf16, or a CPU with bf16 matrix instructions
-    (avx512_bf16 / amx_bf16; measured ~3x faster than fp32 on such a CPU, see bench.py)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+# Data
 
 
 class BatchStream:
@@ -362,14 +342,14 @@ def ema_update(ema, model, decay):
 
 
 @torch.no_grad()
-def write_samples(model, ema, prompts, configs, folder, steps=20, seeds=(0,)):
+def write_samples(model, ema, prompts, configs, folder, precision, steps=20, seeds=(0,)):
     """Generate `prompts` with the EMA weights; one GIF per prompt and a PNG filmstrip."""
     live = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema}
     model.load_state_dict(ema, strict=False)
     model.eval()
     s = configs["shapes"]
     videos = torch.cat([model.generate(prompts, frames=s.frames, size=s.resolution, steps=steps,
-                                       seed=seed) for seed in seeds])
+                                       seed=seed, precision=precision) for seed in seeds])
     model.load_state_dict(live, strict=False)
     model.train()
     os.makedirs(folder, exist_ok=True)
@@ -396,8 +376,8 @@ def train(configs):
     """Runs both stages; returns (model, path of the last checkpoint)."""
     cfg = configs["train"]
     t_start = time.time()
-    rank, world, device = setup_distributed(pick_device(cfg.device))
-    precision = pick_precision(cfg.precision, device)
+    rank, world, device = setup_distributed(tft2v.pick_device(cfg.device))
+    precision = tft2v.pick_precision(cfg.precision, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     os.makedirs(cfg.out, exist_ok=True)
     existing = checkpoints(cfg.out)
@@ -492,11 +472,11 @@ def train(configs):
                 last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done)
         if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
             write_samples(model, ema, prompts, configs,
-                          os.path.join(cfg.out, "previews", f"step_{done:07d}"))
+                          os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)
     bar.close()
     if rank == 0 and prompts and start < cfg.steps:
         paths = write_samples(model, ema, prompts, configs, os.path.join(cfg.out, "samples"),
-                              steps=50, seeds=(0, 1))
+                              precision, steps=50, seeds=(0, 1))
         print("wrote:\n  " + "\n  ".join(paths))
     if rank == 0:
         print(f"checkpoint: {last_ckpt}\ntotal time: {time.time() - t_start:.0f} s")
