@@ -22,18 +22,16 @@ import torch
 from tqdm import tqdm
 
 import tft2v
+import train
 from data import shapes
 
-# The README's demo: four prompts, one of them (blue circle) held out of every video split.
-DEMO_PROMPTS = ("a big red circle", "a small blue square", "a big blue circle",
-                "a small yellow triangle")
 
 
 def prompt_suite(name, shapes_config):
     """[(prompt, wanted attributes)] for a suite: "demo", "full" (every colour x shape x size)
     or "directions" (every colour x shape x size x direction, for semi-supervised models)."""
     if name == "demo":
-        prompts = list(DEMO_PROMPTS)
+        prompts = train.DEMO_PROMPTS.split(";")  # one (blue circle) held out of the videos
     elif name == "full":
         prompts = [shapes.caption(*c) for c in shapes.all_combinations()]
     elif name == "directions":

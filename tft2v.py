@@ -282,6 +282,7 @@ class TFT2VConfig:
     cond_frame: str = "middle"  # frame whose CLIP embedding conditions a clip: middle|first|random
     coherence_weight: float = 0.1  # lambda of L = L_base + lambda * L_coh (TF-T2V §3.3)
     semi_supervised: bool = False  # motion branch also sees video-text pairs (TF-T2V §3.4)
+    null_text: str = "zeros"  # absent text: "zeros" (official UNet) or "empty" (CLIP of "")
 
 
 class TFT2V(nn.Module):
@@ -333,12 +334,23 @@ class TFT2V(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, captions):
-        """Captions -> text tokens (B, L, D) from CLIP's penultimate block; "" gives zeros, the
-        absent-text condition, so an empty prompt means unconditional."""
+        """Captions -> text tokens (B, L, D) from CLIP's penultimate block. An empty caption is
+        the absent-text condition (`null_text`), so an empty prompt means unconditional."""
         tokens = self.tokenizer(list(captions), self.clip.config.context_length).to(self.device)
         text = self.clip.text_tokens(tokens).float()  # (B, L, D)
-        empty = torch.tensor([c.strip() == "" for c in captions], device=self.device)
-        return text.masked_fill(empty[:, None, None], 0.0)
+        if self.config.null_text == "zeros":
+            empty = torch.tensor([c.strip() == "" for c in captions], device=self.device)
+            text = text.masked_fill(empty[:, None, None], 0.0)
+        return text
+
+    def null_text(self, batch):
+        """The absent-text condition (B, L, D): zeros, or CLIP's tokens of the empty prompt."""
+        if self.config.null_text == "zeros":
+            L, D = self.clip.config.context_length, self.unet_config.context_dim
+            return torch.zeros(batch, L, D, device=self.device)
+        if self.config.null_text == "empty":
+            return self.encode_text([""] * batch)
+        raise ValueError(f"unknown null_text {self.config.null_text!r}: zeros or empty")
 
     @torch.no_grad()
     def embed_image(self, images):
@@ -351,16 +363,11 @@ class TFT2V(nn.Module):
         return self.image_mlp(embedding).view(B, self.config.image_tokens, D)  # (B, 4, D)
 
     def context(self, text, image_embedding, text_on, image_on):
-        """[text tokens ; image tokens] (B, L + 4, D), a condition switched off per sample by the
-        boolean masks text_on / image_on (B,) being zeros."""
-        img = self.image_tokens(image_embedding)
-        text = text * text_on[:, None, None].to(text.dtype)
-        img = img * image_on[:, None, None].to(img.dtype)
+        """[text tokens ; image tokens] (B, L + 4, D); a condition switched off per sample by the
+        boolean masks text_on / image_on (B,) is absent: null text, zero image tokens."""
+        img = self.image_tokens(image_embedding) * image_on[:, None, None].to(text.dtype)
+        text = torch.where(text_on[:, None, None], text, self.null_text(text.shape[0]))
         return torch.cat([text, img], dim=1)
-
-    def null_context(self, batch):
-        L, D = self.clip.config.context_length, self.unet_config.context_dim
-        return torch.zeros(batch, L + self.config.image_tokens, D, device=self.device)
 
     def condition_dropout(self, text_on, image_on):
         """Per sample: all conditions off with p_drop_all, else each off with p_drop_each
@@ -422,8 +429,7 @@ class TFT2V(nn.Module):
         B = videos.shape[0]
         ones = torch.ones(B, dtype=torch.bool, device=videos.device)
         if captions is None:
-            text = self.null_context(B)[:, : self.clip.config.context_length]
-            text_on = ~ones
+            text, text_on = self.null_text(B), ~ones
         else:
             text, text_on = self.encode_text(captions), ones
         text_on, image_on = self.condition_dropout(text_on, ones)

@@ -157,3 +157,17 @@ def test_generate_shapes_range_and_determinism(mode):
     assert a.shape == (2, 3, 3, 16, 8)
     assert a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)
+
+
+def test_null_text_setting_picks_zeros_or_the_empty_prompt_embedding():
+    zeros = make_model(p_drop_each=0.0, p_drop_all=0.0)
+    calls = record_contexts(zeros)
+    zeros.motion_loss(torch.rand(2, 3, 4, 16, 16) * 2 - 1)
+    L = zeros.clip.config.context_length
+    assert calls[0][0][:, :L].abs().sum() == 0
+    empty = make_model(null_text="empty", p_drop_each=0.0, p_drop_all=0.0)
+    calls = record_contexts(empty)
+    empty.motion_loss(torch.rand(2, 3, 4, 16, 16) * 2 - 1)
+    expected = empty.clip.text_tokens(empty.tokenizer(["", ""], L))
+    assert torch.allclose(calls[0][0][:, :L], expected, atol=1e-6)
+    assert expected.abs().sum() > 0
