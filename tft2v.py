@@ -281,7 +281,6 @@ class TFT2VConfig:
     p_drop_all: float = 0.1  # all conditions zeroed together (unconditional sample, for CFG)
     cond_frame: str = "middle"  # frame whose CLIP embedding conditions a clip: middle|first|random
     coherence_weight: float = 0.1  # lambda of L = L_base + lambda * L_coh (TF-T2V §3.3)
-    semi_supervised: bool = False  # motion branch also sees video-text pairs (TF-T2V §3.4)
     null_text: str = "zeros"  # absent text: "zeros" (official UNet) or "empty" (CLIP of "")
 
 

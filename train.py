@@ -108,13 +108,12 @@ def presets():
         branches="content,motion,paired", ckpt_every=1000, preview_every=1000,
         preview_prompts="a big red circle moving right;a small blue square moving up")
     toy["unet"] = copy.deepcopy(unet3d.PRESETS["tiny"])
-    toy["tft2v"].semi_supervised = True
     gpu = copy.deepcopy(toy)
     gpu["train"] = dataclasses.replace(
         toy["train"], out="runs/gpu", steps=20000, image_batch=64, video_batch=16, clip_steps=2000)
     gpu["shapes"] = dataclasses.replace(quick["shapes"], resolution=64, frames=16)
     gpu["clip"] = dataclasses.replace(quick["clip"], image_resolution=64)
-    gpu["unet"] = dataclasses.replace(quick["unet"], model_channels=64)
+    gpu["unet"] = dataclasses.replace(toy["unet"], model_channels=64)
     return {"quick": quick, "toy": toy, "gpu": gpu}
 
 
@@ -134,7 +133,11 @@ def parse_value(text, default):
             return type(default)(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {type(default).__name__}, got {text!r}")
-    value = ast.literal_eval(text)  # tuples and lists: --unet.channel_mult "(1, 2, 2)"
+    try:
+        value = ast.literal_eval(text)  # tuples and lists: --unet.channel_mult "(1, 2, 2)"
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected a Python {type(default).__name__}, "
+                                         f"got {text!r}")
     if not isinstance(value, type(default)):
         raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}, got {text!r}")
     return value

@@ -71,7 +71,10 @@ def test_command_line_values_are_type_checked(capsys):
     configs = train.parse_args(["--preset", "toy", "--tft2v.coherence_weight", "0",
                                 "--unet.channel_mult", "(1, 2)"])
     assert configs["tft2v"].coherence_weight == 0.0 and configs["unet"].channel_mult == (1, 2)
-    assert configs["tft2v"].semi_supervised is True
+    assert "paired" in configs["train"].branches  # the toy preset is semi-supervised
+    with pytest.raises(SystemExit):
+        train.parse_args(["--unet.channel_mult", "(1, 2"])
+    assert "expected a Python tuple" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
