@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import fetch_batch
 from data import shapes
 
 # ----------------------------------------------------------------------------------------------
@@ -577,13 +578,8 @@ def shapes_captions():
 
 
 def image_text_batch(data, indices):
-    """Items `indices` of an image-text dataset: ((B, 3, H, W) in [-1, 1], B captions).
-    Datasets with a vectorised `batch` (ShapesDataset) use it; others are read item by item."""
-    if hasattr(data, "batch"):
-        videos, captions = data.batch(indices)
-    else:
-        items = [data[i] for i in indices]
-        videos, captions = torch.stack([v for v, _ in items]), [c for _, c in items]
+    """Items `indices` of an image-text dataset: ((B, 3, H, W) in [-1, 1], B captions)."""
+    videos, captions = fetch_batch(data, indices)
     return videos[:, :, videos.shape[2] // 2], captions  # (B, 3, H, W): F = 1 for images
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 import tft2v
 from data import video
+from data.folders import resize_crop
 
 
 def parse_args(argv=None):
@@ -48,17 +49,13 @@ def parse_args(argv=None):
 
 
 def load_image(path, size):
-    """An image file -> (3, size, size) in [-1, 1]: RGB, centre-cropped square, resized."""
+    """An image file -> (3, size, size) in [-1, 1], converted and centre-cropped as the
+    folder loaders do."""
     try:
-        img = Image.open(path).convert("RGB")
+        img = resize_crop(video.to_rgb(Image.open(path)), (size, size))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}")
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-    img = img.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)  # (H, W, 3)
-    return x.permute(2, 0, 1)  # (3, H, W)
+    return video.from_uint8(np.asarray(img)[None])[:, 0]  # (3, H, W)
 
 
 def output_paths(out, count):

@@ -502,11 +502,16 @@ def model_from_checkpoint(state, use_ema=False):
     return model.eval()
 
 
+def checkpoints(folder):
+    """A run folder's checkpoints (ckpt_<step>.pt), oldest first."""
+    return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
 def load_checkpoint(path, use_ema=True, device="cpu"):
     """A train.py checkpoint file, or a run folder (its newest checkpoint) -> (model, configs).
     Raises ValueError with a one-line reason for a missing or foreign file."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))
+        found = checkpoints(path)
         if not found:
             raise ValueError(f"no checkpoint (ckpt_*.pt) in folder {path}")
         path = found[-1]

@@ -27,7 +27,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from tqdm import tqdm
 import clip_tiny
 import tft2v
 import unet3d
-from data import shapes, video
+from data import fetch_batch, shapes, video
 from data.folders import ImageTextFolder, VideoFolder, VideoTextFolder
 
 
@@ -199,10 +198,7 @@ class BatchStream:
             self.pos += len(take)
             if self.pos >= len(self.dataset):
                 self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
-        if hasattr(self.dataset, "batch"):  # the Shapes world renders a batch at once
-            return self.dataset.batch(idx)
-        items = [self.dataset[i] for i in idx]
-        return torch.stack([x for x, _ in items]), [c for _, c in items]
+        return fetch_batch(self.dataset, idx)
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
@@ -263,10 +259,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def checkpoints(out):
-    return sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))
-
-
 def rank_state(streams):
     """What differs between DDP ranks: RNG states and data positions (gathered to rank 0)."""
     state = {"streams": {k: s.state_dict() for k, s in streams.items()},
@@ -301,7 +293,7 @@ def save_checkpoint(cfg, configs, model, ema, opt, ranks, step):
     }
     path = os.path.join(cfg.out, f"ckpt_{step:07d}.pt")
     save_atomic(state, path)
-    for old in checkpoints(cfg.out)[: -cfg.keep_last]:
+    for old in tft2v.checkpoints(cfg.out)[: -cfg.keep_last]:
         os.remove(old)
     return path
 
@@ -391,7 +383,7 @@ def train(configs):
     precision = tft2v.pick_precision(cfg.precision, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     os.makedirs(cfg.out, exist_ok=True)
-    existing = checkpoints(cfg.out)
+    existing = tft2v.checkpoints(cfg.out)
     if existing and not cfg.resume:
         sys.exit(f"error: {cfg.out} already holds checkpoints; pass --resume to continue, "
                  f"or choose another --out")
