@@ -1,6 +1,6 @@
 """sample.py: generate videos from a trained tft2v checkpoint (TF-T2V inference).
 
-    text -> video          python sample.py --ckpt runs/quick --prompt "a big red circle moving right"
+    text -> video          python sample.py --ckpt runs/quick --prompt "a big red circle"
     image -> video         python sample.py --ckpt runs/quick --image frame.png
     image + text -> video  python sample.py --ckpt runs/quick --image frame.png --prompt "... left"
 
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts-file", default="", help="one prompt per line")
     p.add_argument("--image", action="append", default=[],
                    help="condition image(s): one for all prompts, or one per prompt")
-    p.add_argument("--num", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--num", type=int, default=1, help="videos per prompt (seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     p.add_argument("--size", type=int, default=None, help="default: the training resolution")
     p.add_argument("--steps", type=int, default=50)

@@ -73,7 +73,7 @@ class DiffusionConfig:
     schedule: str = "linear_sd"  # "linear_sd" (official), "linear" (DDPM) or "cosine" (iDDPM)
     zero_terminal_snr: bool = True  # rescale betas so alpha_bar_T = 0 (official)
     prediction: str = "v"  # what the network predicts: "v" (official) or "eps"
-    offset_noise: float = 0.1  # strength of per-(sample, channel, frame) offset noise (official 0.1)
+    offset_noise: float = 0.1  # per-(sample, channel, frame) offset noise strength (official 0.1)
 
 
 def make_betas(schedule, timesteps):
@@ -123,7 +123,8 @@ class Diffusion:
     """The forward process, its targets and two samplers. The network is an argument, never a
     member (as improved-diffusion). All coefficients are computed once in float64.
 
-    Notation: alpha_bar[t] = prod_{s<=t} (1 - beta_s);  x_t = sqrt(alpha_bar) x0 + sqrt(1-alpha_bar) eps;
+    Notation: alpha_bar[t] = prod_{s<=t} (1 - beta_s);
+    x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps;
     v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.   Index t runs 0..T-1 (paper's 1..T).
     """
 
@@ -161,14 +162,18 @@ class Diffusion:
                 *x0.shape[:-2], 1, 1, device=x0.device, dtype=x0.dtype)  # (B, C, F, 1, 1)
         return eps
 
+    def scales(self, t, x):
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each shaped to broadcast against x."""
+        return broadcast(self.sqrt_alpha_bar, t, x), broadcast(self.sqrt_one_minus_alpha_bar, t, x)
+
     def q_sample(self, x0, t, eps):
         """x_t ~ q(x_t | x0), DDPM Eq. (4)."""
-        return broadcast(self.sqrt_alpha_bar, t, x0) * x0 + broadcast(
-            self.sqrt_one_minus_alpha_bar, t, x0) * eps
+        a, s = self.scales(t, x0)
+        return a * x0 + s * eps
 
     def v_from(self, x0, eps, t):
-        return broadcast(self.sqrt_alpha_bar, t, x0) * eps - broadcast(
-            self.sqrt_one_minus_alpha_bar, t, x0) * x0
+        a, s = self.scales(t, x0)
+        return a * eps - s * x0
 
     def target(self, x0, eps, t):
         """What the network is trained to output at (x_t, t)."""
@@ -176,7 +181,7 @@ class Diffusion:
 
     def x0_eps_from(self, x_t, t, model_out):
         """(x0_pred, eps_pred) from the network's output, for either parameterisation."""
-        a, s = broadcast(self.sqrt_alpha_bar, t, x_t), broadcast(self.sqrt_one_minus_alpha_bar, t, x_t)
+        a, s = self.scales(t, x_t)
         if self.config.prediction == "eps":
             eps = model_out
             return (x_t - s * eps) / a, eps
@@ -184,7 +189,7 @@ class Diffusion:
         return a * x_t - s * v, s * x_t + a * v
 
     def eps_from_x0(self, x_t, t, x0):
-        a, s = broadcast(self.sqrt_alpha_bar, t, x_t), broadcast(self.sqrt_one_minus_alpha_bar, t, x_t)
+        a, s = self.scales(t, x_t)
         return (x_t - a * x0) / s
 
     def q_posterior(self, x0, x_t, t):
@@ -197,7 +202,8 @@ class Diffusion:
 
     def ddpm_sample(self, model_fn, shape, generator=None, device="cpu", clip_x0=True,
                     progress=False):
-        """DDPM Alg. 2: ancestral sampling through all T steps, x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)."""
+        """DDPM Alg. 2: ancestral sampling through all T steps,
+        x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)."""
         x_t = torch.randn(shape, generator=generator, device=device)
         for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps,
                       disable=not progress, desc="ddpm"):
@@ -229,8 +235,8 @@ class Diffusion:
                     device="cpu", clip_x0=True, progress=False):
         """DDIM (Song et al. 2021). Per step, with a_t = alpha_bar[t], a_prev = alpha_bar[t_prev]:
           1. predict x0 and eps from the network output;
-          2. sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   DDIM Eq. (16)
-          3. x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z   DDIM Eq. (12)
+          2. sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   DDIM Eq. (16)
+          3. x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z  DDIM Eq. (12)
         The last step goes to a_prev = 1, i.e. returns x0."""
         ts = self.sampling_timesteps(steps, spacing)
         x_t = torch.randn(shape, generator=generator, device=device)
@@ -243,7 +249,8 @@ class Diffusion:
             a_t = self.alpha_bar[step]
             a_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0).double()
             sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # 2.
-            x_t = a_prev.sqrt().float() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt().float() * eps
+            eps_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+            x_t = a_prev.sqrt().float() * x0 + eps_coef.float() * eps  # 3.
             if eta > 0 and i + 1 < len(ts):
                 x_t = x_t + sigma.float() * torch.randn(shape, generator=generator, device=device)
         return x_t
@@ -261,7 +268,8 @@ def coherence_loss(pred, target):
     here averaged over the F-1 pairs and over every element (B, C, H, W), like the base MSE.
     pred, target: (B, C, F, H, W)."""
     if pred.shape != target.shape:
-        raise ValueError(f"coherence_loss: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        raise ValueError(f"coherence_loss: pred {tuple(pred.shape)} "
+                         f"vs target {tuple(target.shape)}")
     if pred.shape[2] < 2:
         raise ValueError("coherence_loss needs at least 2 frames (F > 1); images have none")
     d_pred = pred[:, :, 1:] - pred[:, :, :-1]  # (B, C, F-1, H, W)

@@ -311,8 +311,8 @@ def check_same_model(saved, configs, path):
         diff = sorted(k for k in set(now) | set(then)
                       if now.get(k) != then.get(k) and k not in runtime_only)
         if diff:
-            sys.exit(f"error: {path} was trained with other {section} settings ({', '.join(diff)});"
-                     f" use the same preset and flags, or another --out")
+            sys.exit(f"error: {path} was trained with other {section} settings "
+                     f"({', '.join(diff)}); use the same preset and flags, or another --out")
 
 
 # ----------------------------------------------------------------------------------------------

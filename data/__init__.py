@@ -5,7 +5,8 @@ import torch
 
 
 def fetch_batch(dataset, indices):
-    """Items `indices` of a dataset of ((3, F, H, W), caption) pairs -> ((B, 3, F, H, W), captions).
+    """Items `indices` of a dataset of ((3, F, H, W), caption) pairs
+    -> ((B, 3, F, H, W), captions).
     A dataset with a vectorised `batch` (the Shapes world renders a batch at once) uses it;
     others are read item by item."""
     if hasattr(dataset, "batch"):

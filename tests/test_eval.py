@@ -29,7 +29,8 @@ def test_a_static_clip_is_not_moving_and_a_wrong_colour_is_a_miss():
 
 
 def test_summary_separates_held_out_prompts():
-    rows = [{"held_out": True, "hits": {"colour": 1.0}}, {"held_out": False, "hits": {"colour": 0.0}}]
+    rows = [{"held_out": True, "hits": {"colour": 1.0}},
+            {"held_out": False, "hits": {"colour": 0.0}}]
     s = evaluation.summarize(rows)
     assert s["held_out"]["colour"] == 1.0 and s["seen"]["colour"] == 0.0
     assert s["all"]["colour"] == pytest.approx(0.5)

@@ -14,9 +14,11 @@ import train
 TINY = ["--clip_steps", "3", "--clip_batch", "16", "--image_batch", "4", "--video_batch", "2",
         "--shapes.resolution", "16", "--shapes.frames", "4", "--clip.image_resolution", "16",
         "--clip.vision_patch_size", "8", "--clip.vision_layers", "1", "--clip.vision_width", "64",
-        "--clip.transformer_layers", "1", "--clip.transformer_width", "32", "--clip.embed_dim", "16",
+        "--clip.transformer_layers", "1", "--clip.transformer_width", "32",
+        "--clip.embed_dim", "16",
         "--unet.model_channels", "16", "--unet.temporal_conv_layers", "2",
-        "--unet.channel_mult", "(1, 2)", "--unet.attention_levels", "(1,)", "--unet.num_groups", "8",
+        "--unet.channel_mult", "(1, 2)", "--unet.attention_levels", "(1,)",
+        "--unet.num_groups", "8",
         "--precision", "fp32", "--warmup", "2", "--preview_every", "1000",
         "--preview_prompts", "", "--log_every", "1"]
 
