@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 class UNetConfig:
     in_channels: int = 3  # channels of x_t (3 in pixel space, 4 for the SD VAE latent)
     out_channels: int = 3  # channels of the prediction (eps or v)
+    patch_size: int = 1  # >1: frames enter as non-overlapping p x p patches (pixel_unshuffle)
     model_channels: int = 32  # width of level 0; level i has model_channels * channel_mult[i]
     channel_mult: tuple = (1, 2, 2)  # width multiplier per level; each level halves H and W
     num_res_blocks: int = 1  # ResBlocks per level on the way down (one more on the way up)
@@ -273,7 +274,8 @@ class UNet3D(nn.Module):
         emb_dim = 4 * c.model_channels
         self.time_embed = nn.Sequential(  # sinusoid -> MLP, as DDPM / the official UNet
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
+        p2 = c.patch_size**2  # a p x p patch of C channels is one pixel of C * p^2 channels
+        self.conv_in = nn.Conv2d(c.in_channels * p2, c.model_channels, 3, padding=1)
 
         widths = [c.model_channels * m for m in c.channel_mult]
         skips = [c.model_channels]  # width of every tensor the down path hands to the up path
@@ -305,18 +307,18 @@ class UNet3D(nn.Module):
             self.upsample.append(None if level == 0 else nn.Conv2d(ch, ch, 3, padding=1))
 
         self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(ch, c.out_channels * p2, 3, padding=1)))
 
     def forward(self, x, t, context, use_temporal=True):
         """x (B, C, F, H, W) noisy video (F = 1 for images), t (B,) timesteps (long or float),
         context (B, L, D). With use_temporal=False no temporal module runs, so every frame is
-        denoised independently as an image. H and W must be divisible by 2^(levels - 1).
-        Returns (B, out_channels, F, H, W)."""
+        denoised independently as an image. H and W must be divisible by
+        patch_size * 2^(levels - 1). Returns (B, out_channels, F, H, W)."""
         B, _, Fr = x.shape[:3]
         context = context.to(x.dtype)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         emb = emb.repeat_interleave(Fr, dim=0)  # (B*F, E): each frame carries its video's t
-        h = video_to_frames(x)  # (B*F, C, H, W)
+        h = F.pixel_unshuffle(video_to_frames(x), self.config.patch_size)  # (B*F, C p^2, H/p, W/p)
 
         h = self.conv_in(h)
         skips = [h]
@@ -336,7 +338,7 @@ class UNet3D(nn.Module):
             if upsample is not None:
                 h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
 
-        out = self.out(h)  # (B*F, C_out, H, W)
+        out = F.pixel_shuffle(self.out(h), self.config.patch_size)  # (B*F, C_out, H, W)
         return frames_to_video(out, B).contiguous()  # (B, C_out, F, H, W)
 
     def temporal_parameters(self):

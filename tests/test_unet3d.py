@@ -45,6 +45,20 @@ def test_output_shape_matches_input_for_images_videos_and_non_square_frames(F, H
     assert out.shape == (2, SMALL.out_channels, F, H, W)
 
 
+@pytest.mark.parametrize("F, H, W", [(1, 16, 16), (8, 16, 16), (4, 16, 24)])
+def test_patched_model_keeps_the_pixel_shape_and_runs_its_levels_at_half_resolution(F, H, W):
+    config = dataclasses.replace(SMALL, patch_size=2)
+    model = make_model(config)
+    perturb(model.parameters())
+    x, t, context = inputs(B=2, F=F, H=H, W=W)
+    seen = []
+    model.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    out = model(x, t, context, use_temporal=F > 1)
+    assert out.shape == x.shape
+    assert seen == [(2 * F, 3 * 4, H // 2, W // 2)]  # each 2x2 patch is one 12-channel pixel
+    assert out.abs().max() > 1e-3
+
+
 def test_temporal_and_spatial_parameters_partition_all_parameters():
     model = make_model()
     temporal, spatial = model.temporal_parameters(), model.spatial_parameters()
