@@ -2,8 +2,11 @@
 motion branch (video, temporal layers on) and of the content branch (images, F = 1, temporal
 layers off), in float32 and in bfloat16 autocast, with the parameter count, the step's FLOPs
 (torch.utils.flop_counter) and the achieved rate against a plain matmul measured in the same run.
+With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
+guidance (one video and a batch), the Shapes data pipeline's share of a step, and peak memory.
 
-    python bench.py                       # the tiny preset on this machine's default device
+    python bench.py                       # the UNet's tiny preset on this machine's default device
+    python bench.py --preset quick        # the quick training preset: steps, sampling, data
     python bench.py --json out/bench.json --steps 10
 
 On a shared CPU run it under `flock /tmp/tft2v_cpu.lock` so timings do not overlap other jobs.
@@ -15,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -23,7 +27,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,
                                      sdpa_flop_count)
 
+import tft2v
+import train
 import unet3d
+from data import fetch_batch, shapes
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel: count it too.
@@ -85,10 +92,45 @@ def make_step(model, optimiser, batch, frames, size, use_temporal, dtype, device
     return step, forward_backward
 
 
+def peak_memory_mb(device):
+    """Peak memory so far: CUDA's allocator peak, or the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
+
+
+def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_len, repeats):
+    """Median time of DDIM sampling with classifier-free guidance (2 x batch per network call),
+    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate."""
+    diffusion = tft2v.Diffusion(tft2v.DiffusionConfig())
+    context = torch.randn(batch, context_len, model.config.context_dim, device=device)
+
+    def net(x, t, c):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return model(x, t, c, use_temporal=frames > 1).float()
+
+    fn = tft2v.classifier_free_guidance(net, context, torch.zeros_like(context), 9.0)
+    shape = (batch, model.config.out_channels, frames, size, size)
+    with torch.no_grad():
+        return median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
+                           repeats, 1, device)
+
+
+def data_seconds(kind, batch, shapes_config, steps):
+    """Median time to fetch one training batch of the Shapes world (rendered on the fly)."""
+    data = shapes.ShapesDataset(kind, shapes_config)
+    batches = iter(range(10**9))
+    return median_time(lambda: fetch_batch(data, [next(batches) % len(data)
+                                                  for _ in range(batch)]), steps, 1,
+                       torch.device("cpu"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(unet3d.PRESETS))
+    parser.add_argument("--preset", default="tiny",
+                        choices=sorted(unet3d.PRESETS) + sorted(train.presets()),
+                        help="a UNet preset, or a train.py preset (its UNet, sizes and batches)")
     parser.add_argument("--batch", type=int, default=4, help="videos per motion-branch step")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="frame height and width")
@@ -101,14 +143,25 @@ def main(argv=None):
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when sampling")
+    parser.add_argument("--sample-batches", default="1,16", help="videos per sampling call")
     parser.add_argument("--json", default="", help="also write the results to this path")
     args = parser.parse_args(argv)
+    preset = train.presets().get(args.preset)
+    if preset is not None:  # a training preset fixes the UNet, the sizes and the batches
+        s, c = preset["shapes"], preset["clip"]
+        args.size, args.frames = s.resolution, s.frames
+        args.batch, args.image_batch = preset["train"].video_batch, preset["train"].image_batch
+        args.context_len = c.context_length + preset["tft2v"].image_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    config = dataclasses.replace(unet3d.PRESETS[args.preset], use_checkpoint=args.checkpoint)
+    config = preset["unet"] if preset is not None else unet3d.PRESETS[args.preset]
+    if preset is not None:
+        config = dataclasses.replace(config, context_dim=preset["clip"].transformer_width)
+    config = dataclasses.replace(config, use_checkpoint=args.checkpoint)
     model = unet3d.UNet3D(config).to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())
@@ -139,6 +192,25 @@ def main(argv=None):
                 step_s=seconds, gflop=flops / 1e9, gflops=flops / seconds / 1e9,
                 of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
 
+    if preset is not None:
+        model.eval()
+        for batch in map(int, args.sample_batches.split(",")):
+            for dtype in dtypes:
+                results["sampling"] = results.get("sampling", []) + [dict(
+                    batch=batch, dtype=dtype, steps=args.sample_steps, seconds=sampling_seconds(
+                        model, batch, args.frames, args.size, args.sample_steps, dtype, device,
+                        args.context_len, max(1, args.steps // 2)))]
+        step_of = {(r["branch"], r["dtype"]): r["step_s"] for r in results["runs"]}
+        fastest = {b: min(v for (br, _), v in step_of.items() if br == b)
+                   for b in ("motion", "content")}
+        results["data"] = []
+        for branch, kind, batch in (("content", "images", args.image_batch),
+                                    ("motion", "textfree", args.batch)):
+            seconds = data_seconds(kind, batch, preset["shapes"], args.steps)
+            results["data"].append(dict(branch=branch, batch=batch, seconds=seconds,
+                                        of_fastest_step=seconds / (seconds + fastest[branch])))
+    results["peak_memory_mb"] = peak_memory_mb(device)
+
     print(f"UNet3D preset {args.preset}: {params / 1e6:.2f} M parameters, device {device}, "
           f"{results['threads']} threads")
     print("matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
@@ -149,6 +221,14 @@ def main(argv=None):
         print(f"{r['branch']:8} {r['dtype']:5} {r['batch']:>3} {r['frames']:>3} "
               f"{r['size']:>3}x{r['size']:<3} {r['step_s']:8.3f} {r['gflop']:7.1f} "
               f"{r['gflops']:8.1f} {r['of_matmul']:9.0%}")
+    for r in results.get("sampling", []):
+        print(f"sampling {r['batch']:>2} video(s), DDIM {r['steps']} steps with guidance, "
+              f"{r['dtype']}: {r['seconds']:.2f} s")
+    for r in results.get("data", []):
+        print(f"data: a {r['branch']} batch of {r['batch']} renders in {r['seconds'] * 1e3:.1f} ms"
+              f", {r['of_fastest_step']:.1%} of a step (fastest precision)")
+    print(f"peak memory: {results['peak_memory_mb']:.0f} MB "
+          f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

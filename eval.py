@@ -6,25 +6,43 @@ shape, size (and direction, on direction prompts), and does the object move? Col
 that were held out of every video split (seen only as images) are scored separately: drawing them
 moving is the paper's claim that appearance comes from images and motion from text-free videos.
 
+Beside accuracy, with the checkpoint's own (project) CLIP:
+- temporal consistency: the paper's frame consistency (mean CLIP cosine similarity of consecutive
+  frames) and measure's pixel figures (colour drift, area variation, path smoothness);
+- Frechet distances in CLIP feature space against rendered Shapes clips of the same prompts:
+  per frame (FID-like) and per clip (FVD-like; the clip feature is defined in `clip_features`);
+- the same figures for rendered clips (other seeds) as the ceiling, and the sampling time.
+
     python eval.py runs/quick --suite demo --seeds 8     # the README's 32 demo videos
     python eval.py runs/toy --suite full --seeds 2       # every colour x shape x size
 
 Writes a JSON file and a markdown table next to the checkpoint (or to --out).
+
+The paper's ablations in miniature (`ablate`): train the `toy` preset (or any) with each variant
+and several seeds, score every run on the directions suite, write one table of mean and spread:
+
+    python eval.py --ablate all --preset toy --train_seeds 2 --out runs/ablation
 """
 
 import argparse
 import json
 import os
+import random
+import shlex
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+import clip_tiny
 import tft2v
 import train
 from data import shapes
 
+# ----------------------------------------------------------------------------------------------
+# 1. Prompt accuracy, read back by data.shapes.measure
 
 
 def prompt_suite(name, shapes_config):
@@ -68,62 +86,298 @@ def summarize(rows):
             "seen": mean(seen) if seen else {}, "videos": len(rows)}
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. Temporal consistency and Frechet distances in CLIP feature space
+
+
 @torch.no_grad()
-def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, precision="fp32",
-             progress=True):
-    """Generate every prompt of the suite with each seed; returns (rows, seconds per video)."""
+def frame_embeddings(clip, videos, batch=256):
+    """Videos (B, 3, F, H, W) in [-1, 1] -> unit-norm CLIP image embeddings of every frame
+    (B, F, E)."""
+    B, C, F_, H, W = videos.shape
+    frames = videos.transpose(1, 2).reshape(B * F_, C, H, W).float()
+    out = [F.normalize(clip.encode_image(clip_tiny.preprocess(
+        frames[i: i + batch], clip.config.image_resolution)).float(), dim=-1)
+        for i in range(0, len(frames), batch)]
+    return torch.cat(out).view(B, F_, -1)
+
+
+def frame_consistency(emb):
+    """TF-T2V §4's frame consistency: the mean cosine similarity of consecutive frames' CLIP
+    embeddings, per clip. emb: (B, F, E) unit vectors -> (B,)."""
+    return (emb[:, 1:] * emb[:, :-1]).sum(-1).mean(1)
+
+
+def clip_features(emb):
+    """The per-clip feature of the FVD-like distance, (B, F, E) -> (B, 2E): the clip's mean frame
+    embedding (appearance) next to its last minus its first frame embedding (how appearance and
+    position change over the clip). FVD's I3D features are not available here; this is the
+    smallest feature that sees both what a clip shows and that it moves, and stays well within
+    the number of clips a suite has (2E = 128 for the tiny CLIP)."""
+    return torch.cat([emb.mean(1), emb[:, -1] - emb[:, 0]], dim=1)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets a (N, d), b (M, d)
+    (FID, Heusel et al. 2017):  |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2).
+    Matrix square roots by symmetric eigendecomposition, in float64."""
+    a, b = a.double(), b.double()
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("frechet_distance needs at least 2 features in each set")
+    cov_a, cov_b = torch.cov(a.T).view(a.shape[1], -1), torch.cov(b.T).view(b.shape[1], -1)
+    w, v = torch.linalg.eigh(cov_a)
+    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    mean = (a.mean(0) - b.mean(0)).pow(2).sum()
+    return (mean + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def render_suite(suite, seeds, shapes_config, seed_offset):
+    """Rendered Shapes clips of every (prompt, seed): the real clips a perfect model would draw.
+    A prompt without a direction gets one drawn from its seed, as text-free clips move."""
+    wants = [want for seed in range(seeds) for _, want in suite]
+    ids = [seed_offset + i for i in range(len(wants))]
+    moves = [w["direction"] if w["direction"] not in (None, "static")
+             else random.Random(i).choice(list(shapes.DIRECTIONS)) for w, i in zip(wants, ids)]
+    return shapes.render_batch([w["colour"] for w in wants], [w["shape"] for w in wants],
+                               [w["size"] for w in wants], moves, ids, shapes_config.frames,
+                               shapes_config.resolution)
+
+
+def quality(clip, videos, measured, reference_emb):
+    """Consistency and Frechet figures of a set of videos (B, 3, F, H, W) against the reference
+    clips' frame embeddings."""
+    emb = frame_embeddings(clip, videos)
+    pixel = {k: sum(m[k] for m in measured) / len(measured)
+             for k in ("colour_drift", "area_variation", "path_smoothness")}
+    return {"frame_consistency": frame_consistency(emb).mean().item(), **pixel,
+            "fd_frames": frechet_distance(emb.flatten(0, 1), reference_emb.flatten(0, 1)),
+            "fd_clips": frechet_distance(clip_features(emb), clip_features(reference_emb))}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The whole evaluation
+
+
+@torch.no_grad()
+def generate_suite(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32,
+                   precision="fp32", progress=True):
+    """Generate every prompt of the suite with each seed; returns (videos in the order
+    seed-major, seconds per video)."""
     s = configs["shapes"]
-    rows, t0 = [], time.time()
+    videos, t0 = [], time.time()
     chunks = [(seed, suite[i: i + batch]) for seed in range(seeds)
               for i in range(0, len(suite), batch)]
     for seed, chunk in tqdm(chunks, disable=not progress, desc="eval"):
-        videos = model.generate([p for p, _ in chunk], frames=s["frames"], size=s["resolution"],
-                                steps=steps, guidance=guidance, seed=seed, precision=precision)
-        for (p, want), m in zip(chunk, shapes.measure(videos.cpu())):
-            rows.append({"prompt": p, "seed": seed, "held_out": want["held_out"],
-                         "measured": m, "hits": score(m, want)})
-    return rows, (time.time() - t0) / max(1, len(rows))
+        videos.append(model.generate([p for p, _ in chunk], frames=s["frames"],
+                                     size=s["resolution"], steps=steps, guidance=guidance,
+                                     seed=seed, precision=precision).cpu())
+    videos = torch.cat(videos)
+    return videos, (time.time() - t0) / max(1, len(videos))
+
+
+def score_videos(suite, seeds, videos):
+    """Rows of per-video hits (seed-major, as generate_suite and render_suite order them) and the
+    measured dicts."""
+    measured = shapes.measure(videos)
+    rows = [{"prompt": p, "seed": seed, "held_out": want["held_out"], "measured": m,
+             "hits": score(m, want)}
+            for (seed, (p, want)), m in zip([(s, x) for s in range(seeds) for x in suite],
+                                            measured)]
+    return rows, measured
+
+
+def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, precision="fp32",
+             progress=True):
+    """Generated videos and rendered ones (the ceiling), each scored for accuracy, consistency and
+    Frechet distances against a third set of rendered clips. Returns (summary, rows)."""
+    shapes_config = shapes_config_of(configs)
+    videos, per_video = generate_suite(model, configs, suite, seeds, steps, guidance, batch,
+                                       precision, progress)
+    reference = frame_embeddings(model.clip, render_suite(suite, seeds, shapes_config, 2_000_000))
+    real = render_suite(suite, seeds, shapes_config, 1_000_000)
+    summary = {}
+    for name, clips in (("generated", videos), ("real", real)):
+        rows, measured = score_videos(suite, seeds, clips)
+        summary[name] = summarize(rows) | quality(model.clip, clips, measured, reference)
+        if name == "generated":
+            generated_rows = rows
+    summary["generated"]["seconds_per_video"] = per_video
+    return summary, generated_rows
+
+
+def shapes_config_of(configs):
+    """The ShapesConfig a checkpoint was trained with (its configs dict holds plain lists)."""
+    return shapes.ShapesConfig(**{k: tuple(map(tuple, v)) if k == "holdout" else v
+                                  for k, v in configs["shapes"].items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The paper's ablations in miniature: (variant name, train.py flags) per claim. The preset's
+# own settings (coherence loss on, 1x text-free videos, captions on some videos) are the baseline,
+# trained once per seed and shared by all three comparisons; (d), held-out combinations, is read
+# off the baseline runs' held-out rows.
+
+BASELINE = "baseline"
+ABLATIONS = {
+    "coherence": ("(a) coherence loss off vs on", [("coherence off",
+                                                    ["--tft2v.coherence_weight", "0"])]),
+    "textfree": ("(b) text-free videos x1 vs x2", [("text-free x2",
+                                                    ["--shapes.n_textfree", "10000"])]),
+    "captions": ("(c) text-free only vs semi-supervised", [
+        ("text-free only", ["--branches", "content,content,motion,motion"])]),
+}
+
+
+def train_and_score(name, flags, seed, args):
+    """Train one variant (resuming a run the folder already holds), then score it."""
+    folder = os.path.join(args.out, f"{name.replace(' ', '_')}_seed{seed}")
+    argv = ["--preset", args.preset, "--out", folder, "--seed", str(seed), "--preview_every",
+            "1000000000", *args.train_flags, *flags]
+    configs = train.parse_args(argv + (["--resume"] if tft2v.checkpoints(folder) else []))
+    t0 = time.time()
+    done = tft2v.checkpoints(folder) and torch.load(
+        tft2v.checkpoints(folder)[-1], weights_only=False)["step"] >= configs["train"].steps
+    if not done:
+        train.train(configs)
+    model, saved = tft2v.load_checkpoint(folder, device=tft2v.pick_device("auto"))
+    suite = prompt_suite(args.suite, shapes_config_of(saved))
+    summary, _ = evaluate(model, saved, suite, args.seeds, args.steps, args.guidance, args.batch,
+                          tft2v.pick_precision(args.precision, model.device))
+    summary["train_seconds"] = None if done else time.time() - t0  # None: trained earlier
+    with open(os.path.join(folder, f"eval_{args.suite}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def ablation_rows(results):
+    """{variant: [summary per seed]} -> {variant: {figure: (mean, spread)}}; the spread is half
+    the range over seeds."""
+    def figures(s):
+        g = s["generated"]
+        out = {k: 100 * g["all"][k] for k in ACCURACY if k in g["all"]}
+        out |= {f"held-out {k}": 100 * g["held_out"][k] for k in ("colour", "shape")
+                if k in g.get("held_out", {})}
+        out |= {k: g[k] for k in ("frame_consistency", "fd_frames", "fd_clips")}
+        return out
+    rows = {}
+    for variant, summaries in results.items():
+        per_seed = [figures(s) for s in summaries]
+        rows[variant] = {k: (sum(f[k] for f in per_seed) / len(per_seed),
+                             (max(f[k] for f in per_seed) - min(f[k] for f in per_seed)) / 2)
+                         for k in per_seed[0]}
+    return rows
+
+
+def ablate(args):
+    """Trains and scores the baseline and each requested variant with every seed."""
+    names = list(ABLATIONS) if args.ablate == "all" else args.ablate.split(",")
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        sys.exit(f"error: unknown ablation(s) {unknown}: use {', '.join(ABLATIONS)} or all")
+    variants = [(BASELINE, [])] + [v for n in names for v in ABLATIONS[n][1]]
+    t0 = time.time()
+    results = {name: [train_and_score(name, flags, seed, args) for seed in range(args.train_seeds)]
+               for name, flags in variants}
+    rows = ablation_rows(results)
+    keys = list(next(iter(rows.values())))
+    lines = [f"Preset `{args.preset}`, {args.train_seeds} training seed(s), {args.suite} suite "
+             f"with {args.seeds} sampling seed(s), {args.steps} DDIM steps, guidance "
+             f"{args.guidance}; mean +- half-range over training seeds; "
+             f"{(time.time() - t0) / 60:.0f} min in all.", "",
+             "| claim | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    claims = [("(d) held-out combinations: see the held-out columns", BASELINE)] + [
+        (ABLATIONS[n][0], v) for n in names for v, _ in ABLATIONS[n][1]]
+    for claim, variant in claims:
+        cells = [f"{m:.1f} +- {d:.1f}" if k in ACCURACY or k.startswith("held") else
+                 f"{m:.4f} +- {d:.4f}" for k, (m, d) in rows[variant].items()]
+        lines.append(f"| {claim} | {variant} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump({"results": results, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "ablation.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {os.path.join(args.out, 'ablation.md')}")
+    return rows
+
+
+ACCURACY = ("colour", "shape", "size", "direction", "moving")
+QUALITY = (  # (key, column, format)
+    ("frame_consistency", "frame consistency", "{:.4f}"),
+    ("colour_drift", "colour drift", "{:.4f}"),
+    ("area_variation", "area variation", "{:.3f}"),
+    ("path_smoothness", "path smoothness (px)", "{:.3f}"),
+    ("fd_frames", "FD frames", "{:.4f}"),
+    ("fd_clips", "FD clips", "{:.4f}"))
 
 
 def markdown(summary, title):
-    keys = sorted(summary["all"])
-    lines = [f"### {title}", "", "| videos | " + " | ".join(keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for name in ("all", "seen", "held_out"):
-        if summary[name]:
-            cells = [f"{100 * summary[name].get(k, float('nan')):.1f}%" for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    """Two tables: accuracy (generated: all, seen, held-out; real clips) and consistency /
+    Frechet figures (generated vs real clips)."""
+    gen, real = summary["generated"], summary["real"]
+    keys = [k for k in ACCURACY if k in gen["all"]]
+    lines = [f"### {title}", "", f"{gen['videos']} generated videos, "
+             f"{gen['seconds_per_video']:.2f} s each; real = rendered Shapes clips of the same "
+             "prompts (the ceiling).", "",
+             "| videos | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for label, part in (("generated, all", gen["all"]), ("generated, seen", gen["seen"]),
+                        ("generated, held-out", gen["held_out"]), ("real clips", real["all"])):
+        if part:
+            cells = [f"{100 * part[k]:.1f}%" if k in part else "-" for k in keys]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| videos | " + " | ".join(name for _, name, _ in QUALITY) + " |",
+              "|---|" + "---|" * len(QUALITY)]
+    for label, part in (("generated", gen), ("real clips", real)):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(part[k]) for k, _, fmt in QUALITY)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint file or run folder")
-    p.add_argument("--suite", default="full", choices=["demo", "full", "directions"])
-    p.add_argument("--seeds", type=int, default=2, help="videos per prompt")
+    p.add_argument("ckpt", nargs="?", help="checkpoint file or run folder (not with --ablate)")
+    p.add_argument("--suite", default=None, choices=["demo", "full", "directions"],
+                   help="prompt suite (default: full; directions with --ablate)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="videos per prompt (default: 2; 1 with --ablate)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=9.0)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", help="auto (bf16 where faster) | fp32 | bf16")
-    p.add_argument("--out", default="", help="output stem (default: next to the checkpoint)")
+    p.add_argument("--out", default="", help="output stem (default: next to the checkpoint); "
+                                             "with --ablate, the folder of all runs")
+    g = p.add_argument_group("ablations (train and score)")
+    g.add_argument("--ablate", default="", help="coherence,textfree,captions or all")
+    g.add_argument("--preset", default="toy", help="train.py preset of every run")
+    g.add_argument("--train_seeds", type=int, default=2, help="training seeds per variant")
+    g.add_argument("--train_flags", default="",
+                   help='extra train.py flags for every run, e.g. "--steps 3000"')
     args = p.parse_args(argv)
-    if args.seeds <= 0 or args.steps <= 0:
-        sys.exit("error: --seeds and --steps must be positive")
+    if (args.ckpt is None) == (not args.ablate):
+        p.error("give a checkpoint, or --ablate (not both)")
+    args.suite = args.suite or ("directions" if args.ablate else "full")
+    args.seeds = args.seeds or (1 if args.ablate else 2)
+    if args.seeds <= 0 or args.steps <= 0 or args.train_seeds <= 0:
+        sys.exit("error: --seeds, --steps and --train_seeds must be positive")
+    if args.ablate:
+        args.out = args.out or "runs/ablation"
+        args.train_flags = shlex.split(args.train_flags)
+        return ablate(args)
     try:
         device = tft2v.pick_device(args.device)
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    suite = prompt_suite(args.suite, shapes.ShapesConfig(**{
-        k: tuple(map(tuple, v)) if k == "holdout" else v for k, v in configs["shapes"].items()}))
-    rows, per_video = evaluate(model, configs, suite, args.seeds, args.steps, args.guidance,
-                               args.batch, tft2v.pick_precision(args.precision, device))
-    summary = summarize(rows) | {"seconds_per_video": per_video, "suite": args.suite,
-                                 "seeds": args.seeds, "steps": args.steps,
-                                 "guidance": args.guidance}
+    suite = prompt_suite(args.suite, shapes_config_of(configs))
+    summary, rows = evaluate(model, configs, suite, args.seeds, args.steps, args.guidance,
+                             args.batch, tft2v.pick_precision(args.precision, device))
+    summary |= {"suite": args.suite, "seeds": args.seeds, "steps": args.steps,
+                "guidance": args.guidance, "checkpoint": args.ckpt}
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
     stem = args.out or os.path.join(folder, f"eval_{args.suite}")
     with open(stem + ".json", "w") as f:
@@ -133,7 +387,7 @@ def main(argv=None):
     with open(stem + ".md", "w") as f:
         f.write(table)
     print(table)
-    print(f"{per_video:.2f} s per video; wrote {stem}.json and {stem}.md")
+    print(f"wrote {stem}.json and {stem}.md")
     return summary
 
 

@@ -12,6 +12,10 @@ Layouts (the video tensor at the module boundary is (B, C, F, H, W)):
   exactly as an image; GroupNorm there normalises each frame separately (as the official UNet);
 - temporal convolutions see the video (B, C, F, H, W); temporal attention sees one sequence over
   frames per pixel, (B*H*W, F, C).
+- Patches (`patch_size` p > 1): each frame enters as non-overlapping p x p patches, one pixel of
+  C p^2 channels each (pixel_unshuffle), and leaves through the inverse (pixel_shuffle).
+  Deviation: the paper's UNet runs in the SD VAE's 8x-downsampled latent; in pixel space, 2x2
+  patches are this project's cheap stand-in for that downsampling (4x fewer positions per level).
 - Activations stay in PyTorch's default contiguous layout. Measured on a 2-core AVX-512 CPU,
   channels-last made convolutions faster but GroupNorm's backward 3x (float32) to 15x (bfloat16)
   slower, and the net step slower; the layout changes at the temporal blocks and the

@@ -1,7 +1,13 @@
-"""eval.py's scoring: prompt suites, per-video hits against measure, and the summary."""
+"""eval.py: prompt suites, per-video hits against measure, the summary, frame consistency and
+Frechet distances in CLIP space."""
+
+import json
+import shlex
 
 import pytest
+import torch
 
+import clip_tiny
 import eval as evaluation
 from data import shapes
 
@@ -39,3 +45,70 @@ def test_summary_separates_held_out_prompts():
 def test_demo_suite_marks_the_held_out_blue_circle():
     suite = dict(evaluation.prompt_suite("demo", shapes.ShapesConfig()))
     assert suite["a big blue circle"]["held_out"] and not suite["a big red circle"]["held_out"]
+
+
+# -- consistency and Frechet distances --
+
+def test_frechet_distance_is_zero_for_identical_sets_and_exact_for_shifts_and_scales():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    assert abs(evaluation.frechet_distance(a, a)) < 1e-8
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0])
+    # equal covariances: only the means differ
+    assert evaluation.frechet_distance(a, a + shift) == pytest.approx(shift.pow(2).sum().item())
+    # b = 2 (a - mean): Tr(C + 4C - 2 * 2C) + |mean|^2
+    centred = a - a.mean(0)
+    expected = torch.cov(a.T.double()).trace().item() + a.mean(0).double().pow(2).sum().item()
+    assert evaluation.frechet_distance(a, 2 * centred) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return clip_tiny.CLIP(clip_tiny.PRESETS["tiny"]).eval()
+
+
+def test_a_steady_clip_is_fully_consistent_and_a_colour_shift_lowers_consistency(clip):
+    steady = shapes.render("red", "circle", "big", "static")
+    shifted = steady.clone()
+    shifted[:, 4:] = shapes.render("blue", "circle", "big", "static")[:, 4:]
+    c = evaluation.frame_consistency(evaluation.frame_embeddings(clip, torch.stack([steady,
+                                                                                    shifted])))
+    assert c[0] == pytest.approx(1.0, abs=1e-5)
+    assert c[1] < c[0] - 1e-3
+
+
+def test_real_clips_score_full_marks_and_beat_corrupted_clips_on_both_frechet_distances(clip):
+    suite = evaluation.prompt_suite("full", shapes.ShapesConfig())[::4]  # 12 prompts
+    config = shapes.ShapesConfig()
+    reference = evaluation.frame_embeddings(clip, evaluation.render_suite(suite, 2, config, 500))
+    real = evaluation.render_suite(suite, 2, config, 100)
+    rows, measured = evaluation.score_videos(suite, 2, real)
+    summary = evaluation.summarize(rows)["all"]
+    assert {k: summary[k] for k in ("colour", "shape", "size", "moving")} == {
+        "colour": 1.0, "shape": 1.0, "size": 1.0, "moving": 1.0}
+    noisy = (real + 0.5 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0)))
+    noisy = noisy.clamp(-1, 1)
+    good = evaluation.quality(clip, real, measured, reference)
+    bad = evaluation.quality(clip, noisy, shapes.measure(noisy), reference)
+    assert good["fd_frames"] < bad["fd_frames"] and good["fd_clips"] < bad["fd_clips"]
+    assert good["frame_consistency"] > 0.5
+
+
+def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, capsys):
+    from test_train import TINY
+    argv = ["--ablate", "coherence", "--preset", "quick", "--train_seeds", "2", "--suite", "demo",
+            "--steps", "2", "--out", str(tmp_path), "--train_flags", shlex.join(TINY + [
+                "--steps", "2", "--shapes.n_images", "64", "--shapes.n_textfree", "16",
+                "--shapes.n_paired", "16"])]
+    rows = evaluation.main(argv)
+    assert set(rows) == {"baseline", "coherence off"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "baseline_seed0", "baseline_seed1", "coherence_off_seed0", "coherence_off_seed1"]
+    table = (tmp_path / "ablation.md").read_text()
+    assert "(a) coherence loss off vs on" in table and "+-" in table
+    # a second call finds every run finished and only scores again
+    again = evaluation.main(argv)
+    assert again == rows
+    summary = json.loads((tmp_path / "baseline_seed0" / "eval_demo.json").read_text())
+    assert summary["train_seconds"] is None and 0 <= summary["generated"]["all"]["colour"] <= 1

@@ -1,0 +1,21 @@
+"""bench.py runs end to end on a training preset and reports every figure it promises."""
+
+import json
+
+import bench
+
+
+def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    results = bench.main(["--preset", "quick", "--steps", "1", "--warmup", "0", "--dtypes",
+                          "fp32", "--sample-steps", "2", "--sample-batches", "1",
+                          "--matmul-size", "64", "--json", str(out)])
+    assert json.loads(out.read_text())["params"] == results["params"] > 0
+    assert {(r["branch"], r["dtype"]) for r in results["runs"]} == {
+        ("motion", "fp32"), ("content", "fp32")}
+    assert all(r["step_s"] > 0 and r["gflop"] > 0 for r in results["runs"])
+    assert results["runs"][0]["batch"] == 4 and results["runs"][1]["batch"] == 32  # quick's
+    assert [(r["batch"], r["steps"]) for r in results["sampling"]] == [(1, 2)]
+    assert {r["branch"] for r in results["data"]} == {"content", "motion"}
+    assert all(0 < r["of_fastest_step"] < 1 for r in results["data"])
+    assert results["peak_memory_mb"] > 0
