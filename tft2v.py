@@ -531,4 +531,10 @@ def load_checkpoint(path, use_ema=True, device="cpu"):
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__})")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a tft2v checkpoint written by train.py")
-    return model_from_checkpoint(state, use_ema).to(device), state["configs"]
+    try:
+        model = model_from_checkpoint(state, use_ema)
+    except (TypeError, KeyError, RuntimeError) as e:  # unknown config fields, other weights
+        reason = str(e).splitlines()[0][:200]
+        raise ValueError(f"{path} was written by another version or config of tft2v and does "
+                         f"not fit this code ({type(e).__name__}: {reason})")
+    return model.to(device), state["configs"]

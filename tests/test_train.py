@@ -145,10 +145,15 @@ def test_sample_py_bad_input_gives_one_line_error(checkpoint, tmp_path, bad, mes
         sample.main([item for pair in opts.items() for item in pair])
 
 
-def test_sample_py_rejects_a_foreign_checkpoint(tmp_path):
+def test_sample_py_rejects_a_foreign_checkpoint(checkpoint, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a tft2v checkpoint"):
         sample.main(["--ckpt", str(tmp_path / "other.pt"), "--prompt", "x"])
+    state = torch.load(checkpoint, weights_only=False)  # our format, another version's config
+    state["configs"]["unet"]["retired_setting"] = 1
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="another version or config"):
+        sample.main(["--ckpt", str(tmp_path / "old.pt"), "--prompt", "x"])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a readable"):
         sample.main(["--ckpt", str(tmp_path / "junk.pt"), "--prompt", "x"])
