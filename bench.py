@@ -194,12 +194,14 @@ def main(argv=None):
 
     if preset is not None:
         model.eval()
+        results["sampling"] = []
         for batch in map(int, args.sample_batches.split(",")):
             for dtype in dtypes:
-                results["sampling"] = results.get("sampling", []) + [dict(
-                    batch=batch, dtype=dtype, steps=args.sample_steps, seconds=sampling_seconds(
-                        model, batch, args.frames, args.size, args.sample_steps, dtype, device,
-                        args.context_len, max(1, args.steps // 2)))]
+                seconds = sampling_seconds(model, batch, args.frames, args.size,
+                                           args.sample_steps, dtype, device, args.context_len,
+                                           max(1, args.steps // 2))
+                results["sampling"].append(dict(batch=batch, dtype=dtype,
+                                                steps=args.sample_steps, seconds=seconds))
         step_of = {(r["branch"], r["dtype"]): r["step_s"] for r in results["runs"]}
         fastest = {b: min(v for (br, _), v in step_of.items() if br == b)
                    for b in ("motion", "content")}
