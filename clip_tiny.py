@@ -40,8 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import fetch_batch
-from data import shapes
+from data import fetch_batch, shapes
 
 # ----------------------------------------------------------------------------------------------
 # 1. Tokenizer

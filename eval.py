@@ -196,14 +196,13 @@ def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, p
                                        precision, progress)
     reference = frame_embeddings(model.clip, render_suite(suite, seeds, shapes_config, 2_000_000))
     real = render_suite(suite, seeds, shapes_config, 1_000_000)
-    summary = {}
-    for name, clips in (("generated", videos), ("real", real)):
+    def scored(clips):
         rows, measured = score_videos(suite, seeds, clips)
-        summary[name] = summarize(rows) | quality(model.clip, clips, measured, reference)
-        if name == "generated":
-            generated_rows = rows
-    summary["generated"]["seconds_per_video"] = per_video
-    return summary, generated_rows
+        return rows, summarize(rows) | quality(model.clip, clips, measured, reference)
+
+    rows, generated = scored(videos)
+    summary = {"generated": generated | {"seconds_per_video": per_video}, "real": scored(real)[1]}
+    return summary, rows
 
 
 def shapes_config_of(configs):
@@ -234,10 +233,11 @@ def train_and_score(name, flags, seed, args):
     folder = os.path.join(args.out, f"{name.replace(' ', '_')}_seed{seed}")
     argv = ["--preset", args.preset, "--out", folder, "--seed", str(seed), "--preview_every",
             "1000000000", *args.train_flags, *flags]
-    configs = train.parse_args(argv + (["--resume"] if tft2v.checkpoints(folder) else []))
+    existing = tft2v.checkpoints(folder)
+    configs = train.parse_args(argv + (["--resume"] if existing else []))
     t0 = time.time()
-    done = tft2v.checkpoints(folder) and torch.load(
-        tft2v.checkpoints(folder)[-1], weights_only=False)["step"] >= configs["train"].steps
+    done = bool(existing) and torch.load(
+        existing[-1], weights_only=False)["step"] >= configs["train"].steps
     if not done:
         train.train(configs)
     model, saved = tft2v.load_checkpoint(folder, device=tft2v.pick_device("auto"))
