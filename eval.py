@@ -22,6 +22,15 @@ The paper's ablations in miniature (`ablate`): train the `toy` preset (or any) w
 and several seeds, score every run on the directions suite, write one table of mean and spread:
 
     python eval.py --ablate all --preset toy --train_seeds 2 --out runs/ablation
+
+Compositional synthesis (`compose`): train a model whose content branch sees silhouette and
+sketch maps with its images while its motion branch sees text-free videos without any (TF-T2V's
+recipe), a control that also pairs videos with their maps, and the unconditioned model; score each
+on the condition suite (every colour x shape x size on its own path; IoU of the generated object
+with the path's silhouette, per frame), write one table and a filmstrip:
+
+    python eval.py --compose --train_seeds 2 --out runs/compose
+    python eval.py runs/compose/ours_seed0 --compose      # score one compositional checkpoint
 """
 
 import argparse
@@ -39,7 +48,7 @@ from tqdm import tqdm
 import clip_tiny
 import tft2v
 import train
-from data import shapes
+from data import conditions, shapes, video
 
 # ----------------------------------------------------------------------------------------------
 # 1. Prompt accuracy, read back by data.shapes.measure
@@ -228,11 +237,13 @@ ABLATIONS = {
 }
 
 
-def train_and_score(name, flags, seed, args):
-    """Train one variant (resuming a run the folder already holds), then score it."""
+def train_run(name, seed, argv, args):
+    """Train one run of an experiment with train.py's flags `argv` into <out>/<name>_seed<seed>,
+    resuming what the folder already holds; returns (model, configs, folder, seconds trained
+    now, or None when the run had finished earlier)."""
     folder = os.path.join(args.out, f"{name.replace(' ', '_')}_seed{seed}")
-    argv = ["--preset", args.preset, "--out", folder, "--seed", str(seed), "--preview_every",
-            "1000000000", *args.train_flags, *flags]
+    argv = [*argv, "--out", folder, "--seed", str(seed), "--preview_every", "1000000000",
+            *args.train_flags]
     existing = tft2v.checkpoints(folder)
     configs = train.parse_args(argv + (["--resume"] if existing else []))
     t0 = time.time()
@@ -241,10 +252,16 @@ def train_and_score(name, flags, seed, args):
     if not done:
         train.train(configs)
     model, saved = tft2v.load_checkpoint(folder, device=tft2v.pick_device("auto"))
+    return model, saved, folder, None if done else time.time() - t0
+
+
+def train_and_score(name, flags, seed, args):
+    """Train one ablation variant, then score it on the prompt suite."""
+    model, saved, folder, seconds = train_run(name, seed, ["--preset", args.preset, *flags], args)
     suite = prompt_suite(args.suite, shapes_config_of(saved))
     summary, _ = evaluate(model, saved, suite, args.seeds, args.steps, args.guidance, args.batch,
                           tft2v.pick_precision(args.precision, model.device))
-    summary["train_seconds"] = None if done else time.time() - t0  # None: trained earlier
+    summary["train_seconds"] = seconds
     with open(os.path.join(folder, f"eval_{args.suite}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -303,6 +320,127 @@ def ablate(args):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# 5. Compositional synthesis in miniature (TF-T2V §4): a model that saw condition maps only with
+# images, and videos only without them, is asked to follow a condition sequence in video.
+
+COMPOSE_RUNS = (  # (name, train.py flags)
+    ("ours", ["--preset", "compose"]),  # TF-T2V: condition-image pairs + text-free videos
+    ("control", ["--preset", "compose", "--tft2v.video_conditions", "true"]),  # + video pairs
+    ("unconditioned", ["--preset", "quick"]),  # the same recipe without condition maps
+)
+COMPOSE_FIGURES = ("iou", "colour", "shape", "size", "direction", "frame_consistency")
+EXAMPLES = (5, 42)  # filmstrip examples in the condition suite: small red triangle, big cyan square
+
+
+def condition_suite(shapes_config, seeds):
+    """Every colour x shape x size, `seeds` times, each with its own rendered path: (prompts
+    without a direction, the rendered clips whose maps are the conditions (B, 3, F, H, W), the
+    wanted attributes, with the path's direction)."""
+    combos = [c for _ in range(seeds) for c in shapes.all_combinations()]
+    ids = [3_000_000 + i for i in range(len(combos))]
+    dirs = [random.Random(i).choice(list(shapes.DIRECTIONS)) for i in ids]
+    clips = shapes.render_batch([c[0] for c in combos], [c[1] for c in combos],
+                                [c[2] for c in combos], dirs, ids, shapes_config.frames,
+                                shapes_config.resolution)
+    wants = [{"colour": c, "shape": s, "size": z, "direction": d}
+             for (c, s, z), d in zip(combos, dirs)]
+    return [shapes.caption(*c) for c in combos], clips, wants
+
+
+def compose_scores(clip, videos, clips, wants):
+    """Figures of videos generated to follow `clips`' conditions: mean per-frame IoU of the
+    object's mask with the condition clip's silhouette, accuracy by measure (direction = the
+    conditioned path's), and frame consistency."""
+    hits = [score(m, w) for m, w in zip(shapes.measure(videos), wants)]
+    acc = {k: sum(h[k] for h in hits) / len(hits) for k in ACCURACY}
+    iou = conditions.iou(shapes.object_mask(videos), conditions.silhouette(clips))
+    return {"iou": iou.mean().item(), **acc, "videos": len(videos),
+            "frame_consistency": frame_consistency(frame_embeddings(clip, videos)).mean().item()}
+
+
+@torch.no_grad()
+def evaluate_compose(model, configs, seeds=1, steps=50, guidance=9.0, batch=48, precision="fp32"):
+    """The condition suite generated once per condition kind the model knows (that kind's maps
+    given, the others absent; a model without maps gets the prompts alone, "none"), scored by
+    compose_scores; "real" scores the rendered clips themselves. Returns (summary, videos per
+    kind)."""
+    sc = shapes_config_of(configs)
+    prompts, clips, wants = condition_suite(sc, seeds)
+    summary, generated = {}, {}
+    for k, kind in enumerate(model.condition_kinds or ("none",)):
+        videos, t0 = [], time.time()
+        for i in tqdm(range(0, len(prompts), batch), desc=f"compose ({kind})"):
+            maps = None
+            if kind != "none":  # this kind's maps, the others absent (zeros)
+                chunk = clips[i: i + batch]
+                maps = chunk.new_zeros(len(chunk), len(model.condition_kinds), *chunk.shape[2:])
+                maps[:, k] = conditions.condition_maps(chunk, (kind,))[:, 0]
+            videos.append(model.generate(prompts[i: i + batch], frames=sc.frames,
+                                         size=sc.resolution, steps=steps, guidance=guidance,
+                                         seed=i, precision=precision, maps=maps).cpu())
+        generated[kind] = torch.cat(videos)
+        summary[kind] = compose_scores(model.clip, generated[kind], clips, wants) | {
+            "seconds_per_video": (time.time() - t0) / len(prompts)}
+    summary["real"] = compose_scores(model.clip, clips, clips, wants)
+    return summary, generated
+
+
+def compose(args):
+    """Trains and scores COMPOSE_RUNS with every training seed; writes compose.md / .json and a
+    filmstrip of two condition sequences against what each model made of them."""
+    t0 = time.time()
+    table, strips = {}, []
+    for name, flags in COMPOSE_RUNS:
+        for seed in range(args.train_seeds):
+            model, saved, folder, seconds = train_run(name, seed, flags, args)
+            summary, videos = evaluate_compose(model, saved, args.seeds, args.steps,
+                                               args.guidance, args.batch,
+                                               tft2v.pick_precision(args.precision, model.device))
+            summary["train_seconds"] = seconds
+            with open(os.path.join(folder, "eval_compose.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            for kind, figures in summary.items():
+                if kind != "train_seconds":
+                    table.setdefault((name, kind), []).append(figures)
+            if seed == 0:
+                strips += [(f"{name} ({kind})", v[list(EXAMPLES)]) for kind, v in videos.items()]
+    sc = shapes_config_of(saved)
+    _, clips, _ = condition_suite(sc, 1)
+    maps = conditions.condition_maps(clips[list(EXAMPLES)], conditions.KINDS)  # (2, K, F, H, W)
+    shown = [maps[:, k, None].expand(-1, 3, -1, -1, -1) for k in range(len(conditions.KINDS))]
+    rows = torch.stack([*shown, *[v for _, v in strips]], dim=1).flatten(0, 1)  # per example
+    os.makedirs(args.out, exist_ok=True)
+    strip = video.write_video(os.path.join(args.out, "compose_filmstrip.png"), rows, scale=2)
+
+    lines = [f"{args.train_seeds} training seed(s) per model, the condition suite (every colour x "
+             f"shape x size on its own path) with {args.seeds} sampling seed(s), {args.steps} "
+             f"DDIM steps, guidance {args.guidance}; mean +- half-range over training seeds; "
+             f"{(time.time() - t0) / 60:.0f} min in all. Filmstrip {strip}: per example, rows "
+             f"{', '.join(conditions.KINDS)}, then " + ", ".join(n for n, _ in strips) + ".", "",
+             "| model | condition given | IoU (%) | colour | shape | size | path direction | "
+             "frame consistency |", "|---|---|---|---|---|---|---|---|"]
+    for (name, kind), per_seed in sorted(table.items(), key=lambda row: row[0][1] == "real"):
+        if kind == "real" and name != COMPOSE_RUNS[0][0]:
+            continue  # rendered clips: one row is enough
+        cells = []
+        for key in COMPOSE_FIGURES:
+            vals = [f[key] * (1 if key == "frame_consistency" else 100) for f in per_seed]
+            mean, spread = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+            cells.append(f"{mean:.4f} +- {spread:.4f}" if key == "frame_consistency"
+                         else f"{mean:.1f} +- {spread:.1f}")
+        label = "rendered clips" if kind == "real" else name
+        lines.append(f"| {label} | {'-' if kind == 'real' else kind} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "compose.json"), "w") as f:
+        json.dump({" / ".join(k): v for k, v in table.items()}, f, indent=1)
+    with open(os.path.join(args.out, "compose.md"), "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {os.path.join(args.out, 'compose.md')} and {strip}")
+    return table
+
+
 ACCURACY = ("colour", "shape", "size", "direction", "moving")
 QUALITY = (  # (key, column, format)
     ("frame_consistency", "frame consistency", "{:.4f}"),
@@ -355,24 +493,37 @@ def main(argv=None):
     g.add_argument("--ablate", default="", help="coherence,textfree,captions or all")
     g.add_argument("--preset", default="toy", help="train.py preset of every run")
     g.add_argument("--train_seeds", type=int, default=2, help="training seeds per variant")
+    g.add_argument("--compose", action="store_true",
+                   help="compositional synthesis: score CKPT on the condition suite, or without "
+                        "CKPT train and score ours / control / unconditioned (see COMPOSE_RUNS)")
     g.add_argument("--train_flags", default="",
                    help='extra train.py flags for every run, e.g. "--steps 3000"')
     args = p.parse_args(argv)
-    if (args.ckpt is None) == (not args.ablate):
-        p.error("give a checkpoint, or --ablate (not both)")
+    if args.ablate and (args.ckpt or args.compose):
+        p.error("--ablate trains its own runs: no checkpoint, no --compose")
+    if args.ckpt is None and not (args.ablate or args.compose):
+        p.error("give a checkpoint, --ablate or --compose")
     args.suite = args.suite or ("directions" if args.ablate else "full")
-    args.seeds = args.seeds or (1 if args.ablate else 2)
+    args.seeds = args.seeds or (1 if args.ablate or args.compose else 2)
     if args.seeds <= 0 or args.steps <= 0 or args.train_seeds <= 0:
         sys.exit("error: --seeds, --steps and --train_seeds must be positive")
+    args.train_flags = shlex.split(args.train_flags)
     if args.ablate:
         args.out = args.out or "runs/ablation"
-        args.train_flags = shlex.split(args.train_flags)
         return ablate(args)
+    if args.compose and args.ckpt is None:
+        args.out = args.out or "runs/compose"
+        return compose(args)
     try:
         device = tft2v.pick_device(args.device)
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if args.compose:
+        summary, _ = evaluate_compose(model, configs, args.seeds, args.steps, args.guidance,
+                                      args.batch, tft2v.pick_precision(args.precision, device))
+        print(json.dumps(summary, indent=1))
+        return summary
     suite = prompt_suite(args.suite, shapes_config_of(configs))
     summary, rows = evaluate(model, configs, suite, args.seeds, args.steps, args.guidance,
                              args.batch, tft2v.pick_precision(args.precision, device))

@@ -3,10 +3,17 @@
     text -> video          python sample.py --ckpt runs/quick --prompt "a big red circle"
     image -> video         python sample.py --ckpt runs/quick --image frame.png
     image + text -> video  python sample.py --ckpt runs/quick --image frame.png --prompt "... left"
+    conditions + text      python sample.py --ckpt runs/compose --prompt "a big red circle" \
+                               --condition silhouette=shapes:circle,big,right --out out/c.png
 
 DDIM (or DDPM) with classifier-free guidance against the null context, as the official sampler.
 `--out` picks the format by its extension: .gif, .mp4 (needs an imageio ffmpeg backend) or .png
-(a filmstrip: one row per video). With several videos, .gif/.mp4 names get _00, _01, ... suffixes.
+(a filmstrip: one row per video, after one row per condition map). With several videos,
+.gif/.mp4 names get _00, _01, ... suffixes. A compositional checkpoint (train.py --preset compose)
+takes per-frame condition sequences, `--condition KIND=SOURCE` (repeatable; kinds it was trained
+with, e.g. silhouette, sketch), where SOURCE is a GIF, a folder of per-frame images (bright = on)
+or a Shapes path spec "shapes:SHAPE,SIZE,DIRECTION[,SEED]" (see data/conditions.py); every video
+of the call follows the same sequence.
 The same checkpoint, prompt and seed give the same video.
 """
 
@@ -20,7 +27,7 @@ import torch
 from PIL import Image
 
 import tft2v
-from data import video
+from data import conditions, video
 from data.folders import resize_crop
 
 
@@ -32,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts-file", default="", help="one prompt per line")
     p.add_argument("--image", action="append", default=[],
                    help="condition image(s): one for all prompts, or one per prompt")
+    p.add_argument("--condition", action="append", default=[], metavar="KIND=SOURCE",
+                   help="a per-frame condition sequence (compositional checkpoints)")
     p.add_argument("--num", type=int, default=1, help="videos per prompt (seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     p.add_argument("--size", type=int, default=None, help="default: the training resolution")
@@ -77,6 +86,24 @@ def check_prompts(prompts, model):
                   file=sys.stderr)
 
 
+def condition_maps(specs, model, frames, size):
+    """["silhouette=shapes:circle,big,right", ...] -> maps (1, K, F, H, W) in the checkpoint's
+    kind order, absent kinds zero; None when no condition is given."""
+    if not specs:
+        return None
+    kinds = model.condition_kinds
+    if not kinds:
+        raise ValueError("this checkpoint was trained without condition maps (--condition)")
+    maps = torch.zeros(1, len(kinds), frames, size, size)
+    for spec in specs:
+        kind, sep, source = spec.partition("=")
+        if not sep or kind not in kinds:
+            raise ValueError(f"--condition wants KIND=SOURCE with KIND one of {', '.join(kinds)}, "
+                             f"got {spec!r}")
+        maps[0, kinds.index(kind)] = conditions.condition_sequence(kind, source, frames, size)
+    return maps
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
@@ -89,8 +116,8 @@ def main(argv=None):
         if args.prompts_file:
             with open(args.prompts_file) as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts and not args.image:
-            raise ValueError("give --prompt, --prompts-file or --image")
+        if not prompts and not args.image and not args.condition:
+            raise ValueError("give --prompt, --prompts-file, --image or --condition")
         output_paths(args.out, 1)  # checks the extension before any work
         out_dir = os.path.dirname(os.path.abspath(args.out))
         try:
@@ -107,6 +134,9 @@ def main(argv=None):
         if frames <= 0 or size <= 0:
             raise ValueError("--frames and --size must be positive")
         images = [load_image(p, size) for p in args.image]
+        maps = condition_maps(args.condition, model, frames, size)
+        if maps is not None and not prompts and not images:
+            prompts = [""]  # conditions alone: unconditional text
         n = max(len(prompts), len(images))
         if len(images) not in (0, 1, n) or len(prompts) not in (0, 1, n):
             raise ValueError(f"{len(prompts)} prompts and {len(images)} images do not pair up")
@@ -119,10 +149,14 @@ def main(argv=None):
     videos = torch.cat([
         model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
-                       eta=args.eta, precision=precision, progress=True)
+                       eta=args.eta, precision=precision, progress=True,
+                       maps=None if maps is None else maps.expand(n, -1, -1, -1, -1))
         for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
     paths = output_paths(args.out, len(videos))
-    if len(paths) == 1:
+    if paths[0].lower().endswith(".png") and maps is not None:  # condition rows first
+        shown = maps[0][:, None].expand(-1, 3, -1, -1, -1)  # (K, 3, F, H, W) grey maps
+        video.write_video(paths[0], torch.cat([shown, videos]), fps=args.fps)
+    elif len(paths) == 1:
         video.write_video(paths[0], videos if len(videos) > 1 else videos[0], fps=args.fps)
     else:
         for path, v in zip(paths, videos):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import clip_tiny
 import unet3d
+from data import conditions as spatial_conditions
 
 # ----------------------------------------------------------------------------------------------
 # 0. Where and in which precision to run (the one place devices are chosen)
@@ -290,6 +291,10 @@ class TFT2VConfig:
     cond_frame: str = "middle"  # frame whose CLIP embedding conditions a clip: middle|first|random
     coherence_weight: float = 0.1  # lambda of L = L_base + lambda * L_coh (TF-T2V §3.3)
     null_text: str = "zeros"  # absent text: "zeros" (official UNet) or "empty" (CLIP of "")
+    # compositional synthesis (TF-T2V §4): per-frame spatial condition maps, data/conditions.py
+    conditions: str = ""  # kinds, e.g. "silhouette,sketch"; "" = none
+    p_drop_condition: float = 0.5  # each kind zeroed independently (VideoComposer-style)
+    video_conditions: bool = False  # control only: the motion branch also gets its clips' maps
 
 
 class TFT2V(nn.Module):
@@ -314,6 +319,11 @@ class TFT2V(nn.Module):
         self.image_mlp = nn.Sequential(  # official: Linear -> SiLU -> Linear to 4 tokens
             nn.Linear(E, D), nn.SiLU(), nn.Linear(D, config.image_tokens * D))
         self.diffusion = Diffusion(diffusion_config)
+        self.condition_kinds = spatial_conditions.parse_kinds(config.conditions)
+        if len(self.condition_kinds) != unet_config.condition_channels:
+            raise ValueError(f"{len(self.condition_kinds)} condition kind(s) "
+                             f"({config.conditions!r}) but UNet condition_channels "
+                             f"{unet_config.condition_channels}")
 
     def forward(self, branch, x, captions=None):
         """Dispatch to a branch loss, so DistributedDataParallel (which hooks `forward`) can wrap
@@ -385,6 +395,18 @@ class TFT2V(nn.Module):
         image_on = image_on & keep_any & (torch.rand(B, device=dev) >= self.config.p_drop_each)
         return text_on, image_on
 
+    def condition_maps(self, x, on):
+        """Compositional synthesis: the spatial condition maps of clips x (B, C, F, H, W) as
+        (B, K, F, H, W), each kind zeroed (absent) with p_drop_condition, and all of them where
+        `on` (B,) is False (samples whose text and image were both dropped stay unconditional);
+        None when the model takes no maps."""
+        if not self.condition_kinds:
+            return None
+        maps = spatial_conditions.condition_maps(x, self.condition_kinds)
+        keep = torch.rand(maps.shape[:2], device=x.device) >= self.config.p_drop_condition
+        keep = keep & on[:, None]
+        return maps * keep[:, :, None, None, None].to(maps.dtype)
+
     def pick_frame(self, videos):
         """The frame whose image embedding conditions each clip: (B, C, H, W)."""
         F_ = videos.shape[2]
@@ -400,13 +422,13 @@ class TFT2V(nn.Module):
 
     # -- the denoising loss shared by both branches --
 
-    def denoise(self, x0, context, use_temporal):
+    def denoise(self, x0, context, use_temporal, maps=None):
         """One diffusion training example per sample: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps),
-        returns (prediction, target)."""
+        returns (prediction, target). maps: spatial condition maps or None (absent)."""
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
         eps = self.diffusion.noise_like(x0)
         x_t = self.diffusion.q_sample(x0, t, eps)
-        pred = self.unet(x_t, t, context, use_temporal=use_temporal)
+        pred = self.unet(x_t, t, context, use_temporal=use_temporal, condition=maps)
         return pred.float(), self.diffusion.target(x0, eps, t)
 
     # -- the two branches of TF-T2V §3.1 --
@@ -414,7 +436,8 @@ class TFT2V(nn.Module):
     def content_loss(self, images, captions):
         """Content (spatial appearance) branch on image-text pairs. images: (B, C, 1, H, W) or
         (B, C, H, W). Per sample the condition is the caption OR the image's own CLIP embedding,
-        never both; the temporal layers are not run, so they get no gradient from images."""
+        never both; the temporal layers are not run, so they get no gradient from images.
+        Compositional models also see the image's condition maps (condition-image pairs)."""
         if images.dim() == 4:
             images = images.unsqueeze(2)  # (B, C, 1, H, W)
         if images.shape[2] != 1:
@@ -424,7 +447,8 @@ class TFT2V(nn.Module):
         text_on, image_on = self.condition_dropout(text_on, ~text_on)
         ctx = self.context(self.encode_text(captions), self.embed_image(images[:, :, 0]),
                            text_on, image_on)
-        pred, target = self.denoise(images, ctx, use_temporal=False)
+        maps = self.condition_maps(images, text_on | image_on)  # all off with p_drop_all
+        pred, target = self.denoise(images, ctx, use_temporal=False, maps=maps)
         loss = F.mse_loss(pred, target)
         return loss, {"content": loss.item()}
 
@@ -432,7 +456,9 @@ class TFT2V(nn.Module):
         """Motion (dynamics) branch on videos (B, C, F, H, W). The image condition is the CLIP
         embedding of one frame (`cond_frame`); the text slot is zeros for text-free clips and the
         caption for video-text pairs (semi-supervised, TF-T2V §3.4). Spatial and temporal layers
-        train; loss = L_base + lambda * L_coh (TF-T2V §3.3)."""
+        train; loss = L_base + lambda * L_coh (TF-T2V §3.3). A compositional model gets no
+        condition maps here (TF-T2V never pairs videos with conditions), unless
+        `video_conditions` asks for the control experiment that does."""
         B = videos.shape[0]
         ones = torch.ones(B, dtype=torch.bool, device=videos.device)
         if captions is None:
@@ -441,7 +467,9 @@ class TFT2V(nn.Module):
             text, text_on = self.encode_text(captions), ones
         text_on, image_on = self.condition_dropout(text_on, ones)
         ctx = self.context(text, self.embed_image(self.pick_frame(videos)), text_on, image_on)
-        pred, target = self.denoise(videos, ctx, use_temporal=True)
+        maps = self.condition_maps(videos, text_on | image_on) if self.config.video_conditions \
+            else None
+        pred, target = self.denoise(videos, ctx, use_temporal=True, maps=maps)
         base = F.mse_loss(pred, target)
         coh = coherence_loss(pred, target)
         name = "motion" if captions is None else "paired"
@@ -453,10 +481,13 @@ class TFT2V(nn.Module):
     @torch.no_grad()
     def generate(self, prompts=None, images=None, frames=8, size=32, steps=50, guidance=9.0,
                  sampler="ddim", seed=0, eta=0.0, negative_prompt="", spacing="trailing",
-                 precision="fp32", progress=False):
+                 precision="fp32", progress=False, maps=None):
         """Text -> video (prompts), image -> video (images (B, 3, H, W) in [-1, 1]), or
         image + text -> video (both). Classifier-free guidance against the negative prompt
-        ("" = all conditions zero); precision "bf16" runs the UNet under bf16 autocast.
+        ("" = text and image conditions zero); precision "bf16" runs the UNet under bf16
+        autocast. maps (B, K, F, H, W): a compositional model's condition maps (0 = absent kind),
+        given to both the conditional and the null pass, so guidance acts on text and image
+        (as VideoComposer's sampler keeps its spatial conditions in both).
         Returns (B, C, F, H, W) in [-1, 1]."""
         if prompts is None and images is None:
             raise ValueError("generate needs prompts, images or both")
@@ -473,10 +504,18 @@ class TFT2V(nn.Module):
         ctx = self.context(text, emb, on, on if images is not None else ~on)
         null = self.context(self.encode_text([negative_prompt] * B), emb, on, ~on)
         use_temporal = frames > 1
+        if maps is not None:
+            if not self.condition_kinds:
+                raise ValueError("this model was trained without condition maps")
+            want = (B, len(self.condition_kinds), frames, H, W)
+            if tuple(maps.shape) != want:
+                raise ValueError(f"condition maps {tuple(maps.shape)}, expected {want} "
+                                 f"({', '.join(self.condition_kinds)})")
+            maps = torch.cat([maps, maps]).to(self.device)  # both halves of the guided batch
 
         def model(x_t, t, c):
             with torch.autocast(self.device.type, torch.bfloat16, enabled=precision == "bf16"):
-                return self.unet(x_t, t, c, use_temporal=use_temporal).float()
+                return self.unet(x_t, t, c, use_temporal=use_temporal, condition=maps).float()
 
         model_fn = classifier_free_guidance(model, ctx, null, guidance)
         gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -14,6 +14,7 @@ Two stages:
 Usage:
     python train.py --preset quick                       # CPU, minutes (the README's main job)
     python train.py --preset toy --out runs/toy
+    python train.py --preset compose                     # + silhouette/sketch conditions
     python train.py --preset quick --resume              # continue exactly where it stopped
     torchrun --nproc_per_node 2 train.py --preset gpu    # DDP (gloo on CPU, NCCL on CUDA)
     python train.py --help                               # every setting, with its default
@@ -118,7 +119,13 @@ def presets():
     gpu["shapes"] = dataclasses.replace(quick["shapes"], resolution=64, frames=16)
     gpu["clip"] = dataclasses.replace(quick["clip"], image_resolution=64)
     gpu["unet"] = dataclasses.replace(toy["unet"], model_channels=64)
-    return {"quick": quick, "toy": toy, "gpu": gpu}
+    # compositional synthesis (TF-T2V §4) in miniature: quick + silhouette and sketch maps on the
+    # content branch's images only; `--tft2v.video_conditions true` is the paired control
+    compose = copy.deepcopy(quick)
+    compose["train"] = dataclasses.replace(quick["train"], out="runs/compose")
+    compose["tft2v"] = dataclasses.replace(quick["tft2v"], conditions="silhouette,sketch")
+    compose["unet"] = dataclasses.replace(quick["unet"], condition_channels=2)
+    return {"quick": quick, "toy": toy, "gpu": gpu, "compose": compose}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +319,8 @@ def check_same_model(saved, configs, path):
     runtime_only = {"use_checkpoint"}
     for section in MODEL_SECTIONS:
         now = json.loads(json.dumps(asdict(configs[section])))  # tuples -> lists, as saved
-        then = json.loads(json.dumps(saved[section]))
+        # a field newer than the checkpoint had its default then (as model_from_checkpoint reads)
+        then = json.loads(json.dumps(asdict(type(configs[section])()) | saved[section]))
         diff = sorted(k for k in set(now) | set(then)
                       if now.get(k) != then.get(k) and k not in runtime_only)
         if diff:

@@ -26,8 +26,15 @@ is zero, so an untrained temporal stack is the identity and the video model star
 model applied to each frame; the output head, each ResBlock's second convolution and each spatial
 transformer's output projection are zero too, as in the official (Stable Diffusion) UNet.
 
+Spatial conditions (TF-T2V's compositional synthesis, VideoComposer's STC-encoder in miniature):
+with `condition_channels` K > 0, per-frame condition maps (B, K, F, H, W) pass a small condition
+encoder (convolutions per frame, then a temporal mixing convolution over frames) whose features are
+concatenated to x's channels before the input convolution. Deviation: VideoComposer's encoder
+mixes frames with a temporal transformer; here one zero-initialised convolution over frames does.
+
 Tensor legend: B batch, C channels, F frames, H W height width, L context tokens,
-D context width, E timestep-embedding width, N a batch of sequences, S sequence length.
+D context width, E timestep-embedding width, N a batch of sequences, S sequence length,
+K condition maps.
 """
 
 import math
@@ -52,6 +59,8 @@ class UNetConfig:
     context_dim: int = 64  # D, width of the context tokens the cross-attention reads
     temporal_conv_layers: int = 4  # convolutions over frames per temporal conv block (official 4)
     num_groups: int = 32  # GroupNorm groups
+    condition_channels: int = 0  # K per-frame condition maps (compositional synthesis); 0 = none
+    condition_dim: int = 16  # width of the condition encoder's features, concatenated to x
     dropout: float = 0.0  # in ResBlocks and temporal conv blocks
     use_checkpoint: bool = False  # gradient checkpointing per block: less memory, ~30% more time
 
@@ -230,6 +239,38 @@ class TemporalTransformer(nn.Module):
         return x + out
 
 
+class TemporalMix(nn.Module):
+    """The condition encoder's step over frames: x + conv_F(x), a kernel-3 convolution over frames
+    at each pixel, zero-initialised (so it starts as the identity, like every temporal block)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = zero_module(nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0)))
+
+    def forward(self, x):  # x (B, C, F, H, W)
+        return x + self.conv(x)
+
+
+class ConditionEncoder(nn.Module):
+    """Per-frame condition maps (B*F, K, H, W) -> features (B*F, condition_dim, H, W): three 3x3
+    convolutions on each frame (spatial, so images train them), then `TemporalMix` over the
+    frames of each video when temporal layers run."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config.condition_dim
+        self.spatial = nn.Sequential(
+            nn.Conv2d(config.condition_channels, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.temporal = TemporalMix(c)
+
+    def forward(self, maps, B, use_temporal):  # maps (B*F, K, H, W)
+        h = self.spatial(maps)
+        if use_temporal:
+            h = video_to_frames(self.temporal(frames_to_video(h, B)))
+        return h  # (B*F, condition_dim, H, W)
+
+
 # ----------------------------------------------------------------------------------------------
 # The UNet
 
@@ -279,7 +320,9 @@ class UNet3D(nn.Module):
         self.time_embed = nn.Sequential(  # sinusoid -> MLP, as DDPM / the official UNet
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         p2 = c.patch_size**2  # a p x p patch of C channels is one pixel of C * p^2 channels
-        self.conv_in = nn.Conv2d(c.in_channels * p2, c.model_channels, 3, padding=1)
+        self.condition_encoder = ConditionEncoder(c) if c.condition_channels else None
+        cin = c.in_channels + (c.condition_dim if c.condition_channels else 0)
+        self.conv_in = nn.Conv2d(cin * p2, c.model_channels, 3, padding=1)
 
         widths = [c.model_channels * m for m in c.channel_mult]
         skips = [c.model_channels]  # width of every tensor the down path hands to the up path
@@ -313,16 +356,25 @@ class UNet3D(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, c.out_channels * p2, 3, padding=1)))
 
-    def forward(self, x, t, context, use_temporal=True):
+    def forward(self, x, t, context, use_temporal=True, condition=None):
         """x (B, C, F, H, W) noisy video (F = 1 for images), t (B,) timesteps (long or float),
-        context (B, L, D). With use_temporal=False no temporal module runs, so every frame is
-        denoised independently as an image. H and W must be divisible by
-        patch_size * 2^(levels - 1). Returns (B, out_channels, F, H, W)."""
+        context (B, L, D), condition (B, K, F, H, W) maps or None (absent: zeros). With
+        use_temporal=False no temporal module runs, so every frame is denoised independently as
+        an image. H and W must be divisible by patch_size * 2^(levels - 1).
+        Returns (B, out_channels, F, H, W)."""
         B, _, Fr = x.shape[:3]
         context = context.to(x.dtype)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         emb = emb.repeat_interleave(Fr, dim=0)  # (B*F, E): each frame carries its video's t
-        h = F.pixel_unshuffle(video_to_frames(x), self.config.patch_size)  # (B*F, C p^2, H/p, W/p)
+        h = video_to_frames(x)  # (B*F, C, H, W)
+        if self.condition_encoder is not None:
+            if condition is None:
+                condition = x.new_zeros(B, self.config.condition_channels, *x.shape[2:])
+            maps = video_to_frames(condition.to(x.dtype))  # (B*F, K, H, W)
+            h = torch.cat([h, self.condition_encoder(maps, B, use_temporal)], dim=1)
+        elif condition is not None:
+            raise ValueError("this UNet takes no condition maps (condition_channels = 0)")
+        h = F.pixel_unshuffle(h, self.config.patch_size)  # (B*F, C p^2, H/p, W/p)
 
         h = self.conv_in(h)
         skips = [h]
@@ -346,8 +398,9 @@ class UNet3D(nn.Module):
         return frames_to_video(out, B).contiguous()  # (B, C_out, F, H, W)
 
     def temporal_parameters(self):
-        """Parameters of the temporal conv blocks and temporal transformers (motion)."""
-        temporal = (TemporalConvBlock, TemporalTransformer)
+        """Parameters of the temporal conv blocks, temporal transformers and the condition
+        encoder's temporal mixing (motion)."""
+        temporal = (TemporalConvBlock, TemporalTransformer, TemporalMix)
         return [p for m in self.modules() if isinstance(m, temporal) for p in m.parameters()]
 
     def spatial_parameters(self):

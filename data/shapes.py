@@ -253,13 +253,19 @@ def _classify_shape(fill, y_offset):
     return "cross"
 
 
+def object_mask(video):
+    """Which pixels show the object: a channel more than FOUND_THRESHOLD (in [0, 1] units) from
+    the background. (B, 3, F, H, W) in [-1, 1] -> bool (B, F, H, W)."""
+    background = torch.tensor(BACKGROUND, device=video.device).view(1, 3, 1, 1, 1) * 2 - 1
+    return (video - background).abs().amax(1) > 2 * FOUND_THRESHOLD  # [-1, 1] units: x2
+
+
 def _measure_chunk(video):
     """measure() for (B, 3, F, H, W): per-frame statistics in one batched pass, then a short
     per-clip summary."""
     B, _, F, H, W = video.shape
     video = video.detach().float().cpu()  # measuring is cheap; generated clips may be on a GPU
-    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) * 2 - 1
-    mask = (video - background).abs().amax(1) > 2 * FOUND_THRESHOLD  # (B, F, H, W); [-1, 1]
+    mask = object_mask(video)  # (B, F, H, W)
     m = mask.float()
     area = m.sum((2, 3))  # (B, F)
     found = area >= max(1.0, MIN_AREA * H * W)

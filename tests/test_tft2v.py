@@ -11,7 +11,7 @@ from tft2v import TFT2V, TFT2VConfig
 CAPTIONS = ["a big red circle", "a small blue square", "a big green triangle moving left", ""]
 
 
-def make_model(**tft2v_overrides):
+def make_model(condition_channels=0, **tft2v_overrides):
     torch.manual_seed(0)
     tokenizer = clip_tiny.Tokenizer.train([c for c in CAPTIONS if c] * 4, vocab_size=600)
     clip = clip_tiny.CLIP(clip_tiny.CLIPConfig(
@@ -20,17 +20,20 @@ def make_model(**tft2v_overrides):
         transformer_heads=2, transformer_layers=2))
     unet = unet3d.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                              attention_levels=(1,), head_dim=16, context_dim=32,
-                             num_groups=8)
+                             num_groups=8, condition_channels=condition_channels)
     return TFT2V(clip, tokenizer, unet, TFT2VConfig(**tft2v_overrides))
 
 
-def record_contexts(model):
-    """Wrap the UNet so each call's (context, use_temporal) is kept for inspection."""
+def record_contexts(model, maps=None):
+    """Wrap the UNet so each call's (context, use_temporal) is kept for inspection, and each
+    call's condition maps (or None) in `maps` when a list is given."""
     calls, forward = [], model.unet.forward
 
-    def spy(x, t, context, use_temporal=True):
+    def spy(x, t, context, use_temporal=True, condition=None):
         calls.append((context.detach().clone(), use_temporal))
-        return forward(x, t, context, use_temporal=use_temporal)
+        if maps is not None:
+            maps.append(None if condition is None else condition.detach().clone())
+        return forward(x, t, context, use_temporal=use_temporal, condition=condition)
 
     model.unet.forward = spy
     return calls

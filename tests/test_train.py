@@ -66,6 +66,17 @@ def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
         run(tmp_path, "--steps", "2", "--resume", "--unet.model_channels", "8")
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    _, ckpt = run(tmp_path, "--steps", "1")
+    state = torch.load(ckpt, weights_only=False)
+    del state["configs"]["unet"]["condition_channels"], state["configs"]["tft2v"]["conditions"]
+    torch.save(state, ckpt)  # as written by a version without compositional synthesis
+    _, resumed = run(tmp_path, "--steps", "2", "--resume")
+    assert resumed.endswith("ckpt_0000002.pt")
+    with pytest.raises(SystemExit, match="other unet settings"):
+        run(tmp_path, "--steps", "3", "--resume", "--unet.condition_channels", "2")
+
+
 def test_command_line_values_are_type_checked(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--steps", "many"])
