@@ -330,7 +330,7 @@ COMPOSE_RUNS = (  # (name, train.py flags)
     ("unconditioned", ["--preset", "quick"]),  # the same recipe without condition maps
 )
 COMPOSE_FIGURES = ("iou", "colour", "shape", "size", "direction", "frame_consistency")
-EXAMPLES = (5, 42)  # filmstrip examples in the condition suite: small red triangle, big cyan square
+EXAMPLES = (5, 42)  # filmstrip examples in the suite: big red triangle, small cyan square
 
 
 def condition_suite(shapes_config, seeds):
@@ -360,7 +360,8 @@ def compose_scores(clip, videos, clips, wants):
 
 
 @torch.no_grad()
-def evaluate_compose(model, configs, seeds=1, steps=50, guidance=9.0, batch=48, precision="fp32"):
+def evaluate_compose(model, configs, seeds=1, steps=50, guidance=9.0, batch=48, precision="fp32",
+                     guide_maps=False):
     """The condition suite generated once per condition kind the model knows (that kind's maps
     given, the others absent; a model without maps gets the prompts alone, "none"), scored by
     compose_scores; "real" scores the rendered clips themselves. Returns (summary, videos per
@@ -378,7 +379,8 @@ def evaluate_compose(model, configs, seeds=1, steps=50, guidance=9.0, batch=48, 
                 maps[:, k] = conditions.condition_maps(chunk, (kind,))[:, 0]
             videos.append(model.generate(prompts[i: i + batch], frames=sc.frames,
                                          size=sc.resolution, steps=steps, guidance=guidance,
-                                         seed=i, precision=precision, maps=maps).cpu())
+                                         seed=i, precision=precision, maps=maps,
+                                         guide_maps=guide_maps).cpu())
         generated[kind] = torch.cat(videos)
         summary[kind] = compose_scores(model.clip, generated[kind], clips, wants) | {
             "seconds_per_video": (time.time() - t0) / len(prompts)}
@@ -391,14 +393,16 @@ def compose(args):
     filmstrip of two condition sequences against what each model made of them."""
     t0 = time.time()
     table, strips = {}, []
+    tag = "_guide_maps" if args.guide_maps else ""  # the two guidance choices side by side
     for name, flags in COMPOSE_RUNS:
         for seed in range(args.train_seeds):
             model, saved, folder, seconds = train_run(name, seed, flags, args)
             summary, videos = evaluate_compose(model, saved, args.seeds, args.steps,
                                                args.guidance, args.batch,
-                                               tft2v.pick_precision(args.precision, model.device))
+                                               tft2v.pick_precision(args.precision, model.device),
+                                               args.guide_maps)
             summary["train_seconds"] = seconds
-            with open(os.path.join(folder, "eval_compose.json"), "w") as f:
+            with open(os.path.join(folder, f"eval_compose{tag}.json"), "w") as f:
                 json.dump(summary, f, indent=1)
             for kind, figures in summary.items():
                 if kind != "train_seconds":
@@ -411,11 +415,13 @@ def compose(args):
     shown = [maps[:, k, None].expand(-1, 3, -1, -1, -1) for k in range(len(conditions.KINDS))]
     rows = torch.stack([*shown, *[v for _, v in strips]], dim=1).flatten(0, 1)  # per example
     os.makedirs(args.out, exist_ok=True)
-    strip = video.write_video(os.path.join(args.out, "compose_filmstrip.png"), rows, scale=2)
+    strip = video.write_video(os.path.join(args.out, f"compose_filmstrip{tag}.png"), rows, scale=2)
 
     lines = [f"{args.train_seeds} training seed(s) per model, the condition suite (every colour x "
              f"shape x size on its own path) with {args.seeds} sampling seed(s), {args.steps} "
-             f"DDIM steps, guidance {args.guidance}; mean +- half-range over training seeds; "
+             f"DDIM steps, guidance {args.guidance} (null pass "
+             f"{'without' if args.guide_maps else 'with'} the maps); mean +- half-range over "
+             f"training seeds; "
              f"{(time.time() - t0) / 60:.0f} min in all. Filmstrip {strip}: per example, rows "
              f"{', '.join(conditions.KINDS)}, then " + ", ".join(n for n, _ in strips) + ".", "",
              "| model | condition given | IoU (%) | colour | shape | size | path direction | "
@@ -430,14 +436,15 @@ def compose(args):
             cells.append(f"{mean:.4f} +- {spread:.4f}" if key == "frame_consistency"
                          else f"{mean:.1f} +- {spread:.1f}")
         label = "rendered clips" if kind == "real" else name
-        lines.append(f"| {label} | {'-' if kind == 'real' else kind} | " + " | ".join(cells) + " |")
+        given = "-" if kind == "real" else kind
+        lines.append(f"| {label} | {given} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "compose.json"), "w") as f:
+    with open(os.path.join(args.out, f"compose{tag}.json"), "w") as f:
         json.dump({" / ".join(k): v for k, v in table.items()}, f, indent=1)
-    with open(os.path.join(args.out, "compose.md"), "w") as f:
+    with open(os.path.join(args.out, f"compose{tag}.md"), "w") as f:
         f.write(text)
     print(text)
-    print(f"wrote {os.path.join(args.out, 'compose.md')} and {strip}")
+    print(f"wrote {os.path.join(args.out, f'compose{tag}.md')} and {strip}")
     return table
 
 
@@ -496,6 +503,8 @@ def main(argv=None):
     g.add_argument("--compose", action="store_true",
                    help="compositional synthesis: score CKPT on the condition suite, or without "
                         "CKPT train and score ours / control / unconditioned (see COMPOSE_RUNS)")
+    g.add_argument("--guide_maps", action="store_true",
+                   help="--compose: leave the maps out of the guidance's null pass")
     g.add_argument("--train_flags", default="",
                    help='extra train.py flags for every run, e.g. "--steps 3000"')
     args = p.parse_args(argv)
@@ -521,7 +530,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.compose:
         summary, _ = evaluate_compose(model, configs, args.seeds, args.steps, args.guidance,
-                                      args.batch, tft2v.pick_precision(args.precision, device))
+                                      args.batch, tft2v.pick_precision(args.precision, device),
+                                      args.guide_maps)
         print(json.dumps(summary, indent=1))
         return summary
     suite = prompt_suite(args.suite, shapes_config_of(configs))

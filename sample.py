@@ -41,6 +41,9 @@ def parse_args(argv=None):
                    help="condition image(s): one for all prompts, or one per prompt")
     p.add_argument("--condition", action="append", default=[], metavar="KIND=SOURCE",
                    help="a per-frame condition sequence (compositional checkpoints)")
+    p.add_argument("--guide-maps", action="store_true",
+                   help="leave the condition maps out of the guidance's null pass, so guidance "
+                        "also pushes towards them (otherwise: maps in both passes)")
     p.add_argument("--num", type=int, default=1, help="videos per prompt (seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     p.add_argument("--size", type=int, default=None, help="default: the training resolution")
@@ -150,7 +153,8 @@ def main(argv=None):
         model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
                        guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
                        eta=args.eta, precision=precision, progress=True,
-                       maps=None if maps is None else maps.expand(n, -1, -1, -1, -1))
+                       maps=None if maps is None else maps.expand(n, -1, -1, -1, -1),
+                       guide_maps=args.guide_maps)
         for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
     paths = output_paths(args.out, len(videos))
     if paths[0].lower().endswith(".png") and maps is not None:  # condition rows first

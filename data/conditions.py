@@ -14,7 +14,7 @@ A map is +1 on the object (or outline) and -1 elsewhere; 0 means "no condition",
 condition (zeros, as VideoComposer) never looks like a real, empty map.
 
 Sources of a condition sequence (`condition_sequence`):
-    "shapes:SHAPE,SIZE,DIRECTION[,SEED]"   a rendered Shapes path, e.g. "shapes:triangle,big,left,3"
+    "shapes:SHAPE,SIZE,DIRECTION[,SEED]"  a rendered Shapes path, e.g. "shapes:triangle,big,left,3"
     a GIF (or any video file data.video reads)   frames whose bright pixels are "on"
     a folder of images, one per frame in name order   idem
 

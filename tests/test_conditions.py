@@ -134,6 +134,19 @@ def test_control_experiment_pairs_videos_with_their_maps():
     assert torch.equal(maps[0], conditions.condition_maps(clips, conditions.KINDS))
 
 
+@pytest.mark.parametrize("guide_maps", [False, True])
+def test_guidance_null_pass_keeps_the_maps_unless_guiding_on_them(guide_maps):
+    model = make_model(condition_channels=2, conditions="silhouette,sketch")
+    seen = []
+    record_contexts(model, seen)
+    maps = torch.ones(2, 2, 4, 16, 16)
+    model.generate(["a big red circle"] * 2, frames=4, size=16, steps=1, maps=maps,
+                   guide_maps=guide_maps)
+    cond, null = seen[0].chunk(2)  # the guided batch is (conditional ; null)
+    assert torch.equal(cond, maps)
+    assert torch.equal(null, torch.zeros_like(maps) if guide_maps else maps)
+
+
 def test_generate_checks_condition_maps():
     plain = make_model()
     model = make_model(condition_channels=2, conditions="silhouette,sketch")
