@@ -293,7 +293,7 @@ class TFT2VConfig:
     null_text: str = "zeros"  # absent text: "zeros" (official UNet) or "empty" (CLIP of "")
     # compositional synthesis (TF-T2V §4): per-frame spatial condition maps, data/conditions.py
     conditions: str = ""  # kinds, e.g. "silhouette,sketch"; "" = none
-    p_drop_condition: float = 0.5  # each kind zeroed independently (VideoComposer-style)
+    p_drop_condition: float = 0.5  # each kind zeroed independently: one kind alone works too
     video_conditions: bool = False  # control only: the motion branch also gets its clips' maps
 
 
@@ -447,7 +447,7 @@ class TFT2V(nn.Module):
         text_on, image_on = self.condition_dropout(text_on, ~text_on)
         ctx = self.context(self.encode_text(captions), self.embed_image(images[:, :, 0]),
                            text_on, image_on)
-        maps = self.condition_maps(images, text_on | image_on)  # all off with p_drop_all
+        maps = self.condition_maps(images, text_on | image_on)  # off where text and image are
         pred, target = self.denoise(images, ctx, use_temporal=False, maps=maps)
         loss = F.mse_loss(pred, target)
         return loss, {"content": loss.item()}
