@@ -141,16 +141,24 @@ def frechet_distance(a, b):
     return (mean + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+def suite_moves(suite, seeds, seed_offset):
+    """The direction each rendered clip of (prompt, seed) moves, seed-major: the prompt's, or for
+    a prompt without one, one drawn from the clip's seed (seed_offset + its index), as text-free
+    clips move."""
+    wants = [want for _ in range(seeds) for _, want in suite]
+    return [w["direction"] if w["direction"] not in (None, "static")
+            else random.Random(seed_offset + i).choice(list(shapes.DIRECTIONS))
+            for i, w in enumerate(wants)]
+
+
 def render_suite(suite, seeds, shapes_config, seed_offset):
-    """Rendered Shapes clips of every (prompt, seed): the real clips a perfect model would draw.
-    A prompt without a direction gets one drawn from its seed, as text-free clips move."""
-    wants = [want for seed in range(seeds) for _, want in suite]
+    """Rendered Shapes clips of every (prompt, seed), seed-major: the real clips a perfect model
+    would draw, moving as `suite_moves` says."""
+    wants = [want for _ in range(seeds) for _, want in suite]
     ids = [seed_offset + i for i in range(len(wants))]
-    moves = [w["direction"] if w["direction"] not in (None, "static")
-             else random.Random(i).choice(list(shapes.DIRECTIONS)) for w, i in zip(wants, ids)]
     return shapes.render_batch([w["colour"] for w in wants], [w["shape"] for w in wants],
-                               [w["size"] for w in wants], moves, ids, shapes_config.frames,
-                               shapes_config.resolution)
+                               [w["size"] for w in wants], suite_moves(suite, seeds, seed_offset),
+                               ids, shapes_config.frames, shapes_config.resolution)
 
 
 def quality(clip, videos, measured, reference_emb):
@@ -267,6 +275,11 @@ def train_and_score(name, flags, seed, args):
     return summary
 
 
+def mean_and_spread(values):
+    """Mean and half the range of one figure over training seeds."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
 def ablation_rows(results):
     """{variant: [summary per seed]} -> {variant: {figure: (mean, spread)}}; the spread is half
     the range over seeds."""
@@ -280,9 +293,7 @@ def ablation_rows(results):
     rows = {}
     for variant, summaries in results.items():
         per_seed = [figures(s) for s in summaries]
-        rows[variant] = {k: (sum(f[k] for f in per_seed) / len(per_seed),
-                             (max(f[k] for f in per_seed) - min(f[k] for f in per_seed)) / 2)
-                         for k in per_seed[0]}
+        rows[variant] = {k: mean_and_spread([f[k] for f in per_seed]) for k in per_seed[0]}
     return rows
 
 
@@ -333,19 +344,16 @@ COMPOSE_FIGURES = ("iou", "colour", "shape", "size", "direction", "frame_consist
 EXAMPLES = (5, 42)  # filmstrip examples in the suite: big red triangle, small cyan square
 
 
-def condition_suite(shapes_config, seeds):
-    """Every colour x shape x size, `seeds` times, each with its own rendered path: (prompts
-    without a direction, the rendered clips whose maps are the conditions (B, 3, F, H, W), the
-    wanted attributes, with the path's direction)."""
-    combos = [c for _ in range(seeds) for c in shapes.all_combinations()]
-    ids = [3_000_000 + i for i in range(len(combos))]
-    dirs = [random.Random(i).choice(list(shapes.DIRECTIONS)) for i in ids]
-    clips = shapes.render_batch([c[0] for c in combos], [c[1] for c in combos],
-                                [c[2] for c in combos], dirs, ids, shapes_config.frames,
-                                shapes_config.resolution)
-    wants = [{"colour": c, "shape": s, "size": z, "direction": d}
-             for (c, s, z), d in zip(combos, dirs)]
-    return [shapes.caption(*c) for c in combos], clips, wants
+def condition_suite(shapes_config, seeds, seed_offset=3_000_000):
+    """The full suite (every colour x shape x size, no direction named), `seeds` times, each
+    prompt with its own rendered path: (prompts, the rendered clips whose maps are the conditions
+    (B, 3, F, H, W), the wanted attributes with the path's direction), seed-major."""
+    suite = prompt_suite("full", shapes_config)
+    wants = [want for _ in range(seeds) for _, want in suite]
+    moves = suite_moves(suite, seeds, seed_offset)
+    return ([p for _ in range(seeds) for p, _ in suite],
+            render_suite(suite, seeds, shapes_config, seed_offset),
+            [w | {"direction": d} for w, d in zip(wants, moves)])
 
 
 def compose_scores(clip, videos, clips, wants):
@@ -431,8 +439,8 @@ def compose(args):
             continue  # rendered clips: one row is enough
         cells = []
         for key in COMPOSE_FIGURES:
-            vals = [f[key] * (1 if key == "frame_consistency" else 100) for f in per_seed]
-            mean, spread = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+            scale = 1 if key == "frame_consistency" else 100
+            mean, spread = mean_and_spread([f[key] * scale for f in per_seed])
             cells.append(f"{mean:.4f} +- {spread:.4f}" if key == "frame_consistency"
                          else f"{mean:.1f} +- {spread:.1f}")
         label = "rendered clips" if kind == "real" else name

@@ -89,7 +89,7 @@ def check_prompts(prompts, model):
                   file=sys.stderr)
 
 
-def condition_maps(specs, model, frames, size):
+def maps_from_specs(specs, model, frames, size):
     """["silhouette=shapes:circle,big,right", ...] -> maps (1, K, F, H, W) in the checkpoint's
     kind order, absent kinds zero; None when no condition is given."""
     if not specs:
@@ -137,7 +137,7 @@ def main(argv=None):
         if frames <= 0 or size <= 0:
             raise ValueError("--frames and --size must be positive")
         images = [load_image(p, size) for p in args.image]
-        maps = condition_maps(args.condition, model, frames, size)
+        maps = maps_from_specs(args.condition, model, frames, size)
         if maps is not None and not prompts and not images:
             prompts = [""]  # conditions alone: unconditional text
         n = max(len(prompts), len(images))

@@ -31,7 +31,6 @@ from PIL import Image
 from data import shapes, video
 
 KINDS = ("silhouette", "sketch")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 def silhouette(frames):
@@ -100,8 +99,8 @@ def read_maps(source, frames, resolution):
     """A GIF/video file or a folder of images -> bool (F, H, W) (bright pixels on); the first
     `frames` frames, resized (nearest) to resolution x resolution."""
     if os.path.isdir(source):
-        files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
-        arrays = [np.asarray(video.to_rgb(Image.open(os.path.join(source, f)))) for f in files]
+        files = sorted(f for f in os.listdir(source) if f.lower().endswith(video.PILLOW_FORMATS))
+        arrays = [video.read_video(os.path.join(source, f), limit=1)[0] for f in files]
     elif os.path.isfile(source):
         arrays = list(video.read_video(source, limit=frames))
     else:

@@ -2,6 +2,7 @@
 which branch sees maps (TF-T2V: images only), sampling from a condition sequence, and the IoU
 metric and experiment of eval.py."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -67,7 +68,7 @@ def test_condition_sequence_from_a_path_spec_and_from_its_gif_agree(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The condition encoder in the UNet
 
-COND = unet3d.UNetConfig(**{**SMALL.__dict__, "condition_channels": 2, "condition_dim": 8})
+COND = dataclasses.replace(SMALL, condition_channels=2, condition_dim=8)
 
 
 @pytest.mark.parametrize("F, use_temporal", [(1, False), (8, True), (8, False)])
