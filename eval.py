@@ -247,32 +247,49 @@ ABLATIONS = {
 
 def train_run(name, seed, argv, args):
     """Train one run of an experiment with train.py's flags `argv` into <out>/<name>_seed<seed>,
-    resuming what the folder already holds; returns (model, configs, folder, seconds trained
-    now, or None when the run had finished earlier)."""
+    resuming what the folder already holds; returns (model, configs, folder, seconds): the wall
+    time the run's training took, summed over the invocations that made it (from its last
+    checkpoint; None for checkpoints older than that record)."""
     folder = os.path.join(args.out, f"{name.replace(' ', '_')}_seed{seed}")
     argv = [*argv, "--out", folder, "--seed", str(seed), "--preview_every", "1000000000",
             *args.train_flags]
     existing = tft2v.checkpoints(folder)
     configs = train.parse_args(argv + (["--resume"] if existing else []))
-    t0 = time.time()
     done = bool(existing) and torch.load(
         existing[-1], weights_only=False)["step"] >= configs["train"].steps
     if not done:
         train.train(configs)
+    seconds = torch.load(tft2v.checkpoints(folder)[-1], weights_only=False).get("seconds")
     model, saved = tft2v.load_checkpoint(folder, device=tft2v.pick_device("auto"))
-    return model, saved, folder, None if done else time.time() - t0
+    return model, saved, folder, seconds
 
 
 def train_and_score(name, flags, seed, args):
-    """Train one ablation variant, then score it on the prompt suite."""
+    """Train one ablation variant, then score it on the prompt suite; a score already written
+    for the same checkpoint and settings is read back instead (the experiment spans sessions)."""
     model, saved, folder, seconds = train_run(name, seed, ["--preset", args.preset, *flags], args)
+    path = os.path.join(folder, f"eval_{args.suite}.json")
+    settings = {"checkpoint": os.path.basename(tft2v.checkpoints(folder)[-1]),
+                "suite": args.suite, "seeds": args.seeds, "steps": args.steps,
+                "guidance": args.guidance}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("settings") == settings:
+            return summary
+    t0 = time.time()
     suite = prompt_suite(args.suite, shapes_config_of(saved))
     summary, _ = evaluate(model, saved, suite, args.seeds, args.steps, args.guidance, args.batch,
                           tft2v.pick_precision(args.precision, model.device))
-    summary["train_seconds"] = seconds
-    with open(os.path.join(folder, f"eval_{args.suite}.json"), "w") as f:
+    summary |= {"settings": settings, "train_seconds": seconds, "score_seconds": time.time() - t0}
+    with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def mean_min(seconds):
+    """Mean of a list of seconds as "N min", or "-" for an empty list."""
+    return f"{sum(seconds) / len(seconds) / 60:.0f} min" if seconds else "-"
 
 
 def mean_and_spread(values):
@@ -304,15 +321,19 @@ def ablate(args):
     if unknown:
         sys.exit(f"error: unknown ablation(s) {unknown}: use {', '.join(ABLATIONS)} or all")
     variants = [(BASELINE, [])] + [v for n in names for v in ABLATIONS[n][1]]
-    t0 = time.time()
     results = {name: [train_and_score(name, flags, seed, args) for seed in range(args.train_seeds)]
                for name, flags in variants}
     rows = ablation_rows(results)
     keys = list(next(iter(rows.values())))
+    runs = [s for summaries in results.values() for s in summaries]
+    trained = [s["train_seconds"] for s in runs if s.get("train_seconds") is not None]
+    scored = sum(s["score_seconds"] for s in runs)
     lines = [f"Preset `{args.preset}`, {args.train_seeds} training seed(s), {args.suite} suite "
              f"with {args.seeds} sampling seed(s), {args.steps} DDIM steps, guidance "
-             f"{args.guidance}; mean +- half-range over training seeds; "
-             f"{(time.time() - t0) / 60:.0f} min in all.", "",
+             f"{args.guidance}; mean +- half-range over training seeds. {len(runs)} runs: "
+             f"training {sum(trained) / 60:.0f} min (mean {mean_min(trained)} per run"
+             f"{'' if len(trained) == len(runs) else f', {len(trained)} runs timed'}), "
+             f"scoring {scored / 60:.0f} min.", "",
              "| claim | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     claims = [("(d) held-out combinations: see the held-out columns", BASELINE)] + [
         (ABLATIONS[n][0], v) for n in names for v, _ in ABLATIONS[n][1]]

@@ -292,7 +292,9 @@ def load_rank_state(state, streams):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def save_checkpoint(cfg, configs, model, ema, opt, ranks, step):
+def save_checkpoint(cfg, configs, model, ema, opt, ranks, step, seconds):
+    """`seconds`: wall time the run took to reach this step, summed over its invocations
+    (--resume adds to the time stored in the checkpoint it continues)."""
     state = {
         "format": tft2v.CHECKPOINT_FORMAT,
         "configs": {k: asdict(v) for k, v in configs.items()},
@@ -302,6 +304,7 @@ def save_checkpoint(cfg, configs, model, ema, opt, ranks, step):
         "optimizer": opt.state_dict(),
         "step": step,
         "ranks": ranks,
+        "seconds": seconds,
     }
     path = os.path.join(cfg.out, f"ckpt_{step:07d}.pt")
     save_atomic(state, path)
@@ -437,7 +440,7 @@ def train(configs):
                for i, b in enumerate(sorted(wanted))}
     torch.manual_seed(cfg.seed * 7919 + rank)  # from here on each rank draws its own noise
     random.seed(cfg.seed * 7919 + rank)
-    start = 0
+    start, seconds_before = 0, 0.0
     if resume is not None:
         if len(resume["ranks"]) != world:
             sys.exit(f"error: {existing[-1]} was written by {len(resume['ranks'])} process(es); "
@@ -446,6 +449,7 @@ def train(configs):
         ema = {k: v.to(device) for k, v in resume["ema"].items()}
         load_rank_state(resume["ranks"][rank], streams)
         start = resume["step"]
+        seconds_before = resume.get("seconds", 0.0)  # checkpoints before this field: 0
         del resume
     net = model
     if world > 1:
@@ -485,7 +489,8 @@ def train(configs):
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             ranks = rank_state(streams)  # a collective: every rank takes part
             if rank == 0:
-                last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done)
+                last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done,
+                                            seconds_before + time.time() - t_start)
         if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
             write_samples(model, ema, prompts, configs,
                           os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)

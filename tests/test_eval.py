@@ -2,6 +2,7 @@
 Frechet distances in CLIP space."""
 
 import json
+import re
 import shlex
 
 import pytest
@@ -95,7 +96,8 @@ def test_real_clips_score_full_marks_and_beat_corrupted_clips_on_both_frechet_di
     assert good["frame_consistency"] > 0.5
 
 
-def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, capsys):
+def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, capsys,
+                                                                 monkeypatch):
     from test_train import TINY
     argv = ["--ablate", "coherence", "--preset", "quick", "--train_seeds", "2", "--suite", "demo",
             "--steps", "2", "--out", str(tmp_path), "--train_flags", shlex.join(TINY + [
@@ -107,8 +109,15 @@ def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, caps
         "baseline_seed0", "baseline_seed1", "coherence_off_seed0", "coherence_off_seed1"]
     table = (tmp_path / "ablation.md").read_text()
     assert "(a) coherence loss off vs on" in table and "+-" in table
-    # a second call finds every run finished and only scores again
-    again = evaluation.main(argv)
-    assert again == rows
     summary = json.loads((tmp_path / "baseline_seed0" / "eval_demo.json").read_text())
-    assert summary["train_seconds"] is None and 0 <= summary["generated"]["all"]["colour"] <= 1
+    assert summary["train_seconds"] > 0 and 0 <= summary["generated"]["all"]["colour"] <= 1
+    assert re.search(r"4 runs: training \d+ min \(mean \d+ min per run\), scoring", table)
+    # a second call finds every run finished and scored with these settings: nothing is redone
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(evaluation.train, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert evaluation.main(argv) == rows
+    # other settings (here the guidance) score again, from the same checkpoints
+    monkeypatch.undo()
+    evaluation.main(argv + ["--guidance", "3"])
+    summary = json.loads((tmp_path / "baseline_seed0" / "eval_demo.json").read_text())
+    assert summary["settings"]["guidance"] == 3.0

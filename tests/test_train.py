@@ -56,6 +56,9 @@ def test_resume_n_plus_n_equals_2n(tmp_path):
     ema_full = torch.load(tmp_path / "full" / "ckpt_0000004.pt", weights_only=False)["ema"]
     ema_split = torch.load(ckpt, weights_only=False)["ema"]
     assert all(torch.allclose(ema_full[k], ema_split[k], atol=1e-6) for k in ema_full)
+    # the run's wall time adds up over invocations: the resumed checkpoint counts both
+    first = torch.load(tmp_path / "split" / "ckpt_0000002.pt", weights_only=False)["seconds"]
+    assert 0 < first < torch.load(ckpt, weights_only=False)["seconds"]
 
 
 def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
@@ -70,6 +73,7 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
     _, ckpt = run(tmp_path, "--steps", "1")
     state = torch.load(ckpt, weights_only=False)
     del state["configs"]["unet"]["condition_channels"], state["configs"]["tft2v"]["conditions"]
+    del state["seconds"]
     torch.save(state, ckpt)  # as written by a version without compositional synthesis
     _, resumed = run(tmp_path, "--steps", "2", "--resume")
     assert resumed.endswith("ckpt_0000002.pt")
