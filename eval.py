@@ -247,9 +247,9 @@ ABLATIONS = {
 
 def train_run(name, seed, argv, args):
     """Train one run of an experiment with train.py's flags `argv` into <out>/<name>_seed<seed>,
-    resuming what the folder already holds; returns (model, configs, folder, seconds): the wall
-    time the run's training took, summed over the invocations that made it (from its last
-    checkpoint; None for checkpoints older than that record)."""
+    resuming what the folder already holds; returns (EMA model, configs, its last checkpoint's
+    path, seconds): the wall time the run's training took, summed over the invocations that made
+    it (recorded in that checkpoint; None for checkpoints older than that record)."""
     folder = os.path.join(args.out, f"{name.replace(' ', '_')}_seed{seed}")
     argv = [*argv, "--out", folder, "--seed", str(seed), "--preview_every", "1000000000",
             *args.train_flags]
@@ -259,19 +259,19 @@ def train_run(name, seed, argv, args):
         existing[-1], weights_only=False)["step"] >= configs["train"].steps
     if not done:
         train.train(configs)
-    seconds = torch.load(tft2v.checkpoints(folder)[-1], weights_only=False).get("seconds")
-    model, saved = tft2v.load_checkpoint(folder, device=tft2v.pick_device("auto"))
-    return model, saved, folder, seconds
+    last = tft2v.checkpoints(folder)[-1]
+    state = torch.load(last, map_location="cpu", weights_only=False)  # train.py just wrote it
+    model = tft2v.model_from_checkpoint(state, use_ema=True).to(tft2v.pick_device("auto"))
+    return model, state["configs"], last, state.get("seconds")
 
 
 def train_and_score(name, flags, seed, args):
     """Train one ablation variant, then score it on the prompt suite; a score already written
     for the same checkpoint and settings is read back instead (the experiment spans sessions)."""
-    model, saved, folder, seconds = train_run(name, seed, ["--preset", args.preset, *flags], args)
-    path = os.path.join(folder, f"eval_{args.suite}.json")
-    settings = {"checkpoint": os.path.basename(tft2v.checkpoints(folder)[-1]),
-                "suite": args.suite, "seeds": args.seeds, "steps": args.steps,
-                "guidance": args.guidance}
+    model, saved, ckpt, seconds = train_run(name, seed, ["--preset", args.preset, *flags], args)
+    path = os.path.join(os.path.dirname(ckpt), f"eval_{args.suite}.json")
+    settings = {"checkpoint": os.path.basename(ckpt), "suite": args.suite, "seeds": args.seeds,
+                "steps": args.steps, "guidance": args.guidance}
     if os.path.exists(path):
         with open(path) as f:
             summary = json.load(f)
@@ -425,13 +425,13 @@ def compose(args):
     tag = "_guide_maps" if args.guide_maps else ""  # the two guidance choices side by side
     for name, flags in COMPOSE_RUNS:
         for seed in range(args.train_seeds):
-            model, saved, folder, seconds = train_run(name, seed, flags, args)
+            model, saved, ckpt, seconds = train_run(name, seed, flags, args)
             summary, videos = evaluate_compose(model, saved, args.seeds, args.steps,
                                                args.guidance, args.batch,
                                                tft2v.pick_precision(args.precision, model.device),
                                                args.guide_maps)
             summary["train_seconds"] = seconds
-            with open(os.path.join(folder, f"eval_compose{tag}.json"), "w") as f:
+            with open(os.path.join(os.path.dirname(ckpt), f"eval_compose{tag}.json"), "w") as f:
                 json.dump(summary, f, indent=1)
             for kind, figures in summary.items():
                 if kind != "train_seconds":
