@@ -487,6 +487,73 @@ QUALITY = (  # (key, column, format)
     ("fd_clips", "FD clips", "{:.4f}"))
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. Caption probe: which words of a caption does a model read? Cheaper than generating a suite,
+# and it tells a word the model ignores from one it reads but cannot draw.
+
+PROBE_TIMESTEPS = (999, 900, 700, 500, 300)
+
+
+@torch.no_grad()
+def caption_probe(model, frames=8, resolution=32, clips=48, timesteps=PROBE_TIMESTEPS,
+                  precision="fp32", seed=0):
+    """The training loss (v-MSE, TF-T2V §3) of rendered moving clips at fixed timesteps, with
+    the same noise under each caption variant: the clip's own caption, its direction or its
+    colour swapped for another, its direction left out, and no caption (the null context). A
+    word the model reads raises the loss when it is wrong; a word it ignores leaves the loss
+    as it was. No image condition. Returns {variant: [loss at each timestep]}."""
+    g = random.Random(seed)
+    colours, dirs = list(shapes.COLOURS), list(shapes.DIRECTIONS)
+    want = [(g.choice(colours), g.choice(shapes.SHAPES), g.choice(list(shapes.SIZES)),
+             g.choice(dirs)) for _ in range(clips)]
+    videos = shapes.render_batch(*map(list, zip(*want)), [g.randrange(2**31) for _ in want],
+                                 frames, resolution).to(model.device)
+
+    def turn(names, name):  # the next name in the list: a wrong one
+        return names[(names.index(name) + 1) % len(names)]
+    variants = {
+        "own caption": [shapes.caption(c, s, z, d) for c, s, z, d in want],
+        "wrong direction": [shapes.caption(c, s, z, turn(dirs, d)) for c, s, z, d in want],
+        "no direction": [shapes.caption(c, s, z) for c, s, z, _ in want],
+        "wrong colour": [shapes.caption(turn(colours, c), s, z, d) for c, s, z, d in want],
+        "no caption": None}
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    noise = [torch.randn(videos.shape, generator=gen, device=model.device) for _ in timesteps]
+    on = torch.ones(clips, dtype=torch.bool, device=model.device)
+    no_image = torch.zeros(clips, model.clip.config.embed_dim, device=model.device)
+    losses = {}
+    for name, captions in variants.items():
+        text = model.encode_text(captions) if captions else model.null_text(clips)
+        context = model.context(text, no_image, on if captions else ~on, ~on)
+        losses[name] = []
+        for step, eps in zip(timesteps, noise):
+            t = torch.full((clips,), step, device=model.device)
+            x_t = model.diffusion.q_sample(videos, t, eps)
+            with torch.autocast(model.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                pred = model.unet(x_t, t, context, use_temporal=True).float()
+            losses[name].append(F.mse_loss(pred, model.diffusion.target(videos, eps, t)).item())
+    return losses
+
+
+def probe(model, configs, args):
+    """eval.py CKPT --probe: print the caption probe's table and write it as JSON."""
+    sc = shapes_config_of(configs)
+    losses = caption_probe(model, sc.frames, sc.resolution,
+                           precision=tft2v.pick_precision(args.precision, model.device))
+    lines = ["| caption | " + " | ".join(f"t = {t}" for t in PROBE_TIMESTEPS) + " |",
+             "|---|" + "---|" * len(PROBE_TIMESTEPS)]
+    lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+              for name, row in losses.items()]
+    print("\n".join(lines))
+    folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
+    path = (args.out or os.path.join(folder, "probe")) + ".json"
+    with open(path, "w") as f:
+        json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "checkpoint": args.ckpt}, f,
+                  indent=1)
+    print(f"wrote {path}")
+    return losses
+
+
 def markdown(summary, title):
     """Two tables: accuracy (generated: all, seen, held-out; real clips) and consistency /
     Frechet figures (generated vs real clips)."""
@@ -534,6 +601,9 @@ def main(argv=None):
                         "CKPT train and score ours / control / unconditioned (see COMPOSE_RUNS)")
     g.add_argument("--guide_maps", action="store_true",
                    help="--compose: leave the maps out of the guidance's null pass")
+    p.add_argument("--probe", action="store_true",
+                   help="caption probe instead of the suite: the training loss of rendered clips "
+                        "under right, wrong and missing words (see caption_probe)")
     g.add_argument("--train_flags", default="",
                    help='extra train.py flags for every run, e.g. "--steps 3000"')
     args = p.parse_args(argv)
@@ -563,6 +633,8 @@ def main(argv=None):
                                       args.guide_maps)
         print(json.dumps(summary, indent=1))
         return summary
+    if args.probe:
+        return probe(model, configs, args)
     suite = prompt_suite(args.suite, shapes_config_of(configs))
     summary, rows = evaluate(model, configs, suite, args.seeds, args.steps, args.guidance,
                              args.batch, tft2v.pick_precision(args.precision, device))

@@ -121,3 +121,23 @@ def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, caps
     evaluation.main(argv + ["--guidance", "3"])
     summary = json.loads((tmp_path / "baseline_seed0" / "eval_demo.json").read_text())
     assert summary["settings"]["guidance"] == 3.0
+
+
+# -- caption probe --
+
+def test_caption_probe_pairs_the_noise_so_only_the_caption_differs():
+    from test_tft2v import make_model
+    model = make_model().eval()
+    kwargs = dict(frames=4, resolution=16, clips=6, timesteps=(999, 500))
+    # untrained: the zero-initialised output head ignores the caption, so with the same clips
+    # and noise under every variant every loss is equal
+    losses = evaluation.caption_probe(model, **kwargs)
+    assert set(losses) == {"own caption", "wrong direction", "no direction", "wrong colour",
+                           "no caption"}
+    assert all(row == losses["own caption"] for row in losses.values())
+    with torch.no_grad():  # now the output depends on the context: the caption changes the loss
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    losses = evaluation.caption_probe(model, **kwargs)
+    assert losses["wrong colour"] != losses["own caption"] != losses["no caption"]
+    assert losses == evaluation.caption_probe(model, **kwargs)  # deterministic
