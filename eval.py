@@ -535,23 +535,69 @@ def caption_probe(model, frames=8, resolution=32, clips=48, timesteps=PROBE_TIME
     return losses
 
 
+def centroids(clip):
+    """Per frame, the centroid (x, y) in pixels of what is brighter than the frame's median:
+    clip (3, F, H, W) in [-1, 1] -> (F, 2). Works on blurred mean clips too."""
+    w = ((clip + 1) / 2).clamp(0, 1).mean(0)  # (F, H, W) brightness
+    w = (w - w.flatten(1).median(1).values[:, None, None]).clamp(min=0)
+    ys, xs = torch.meshgrid(*(torch.arange(n, device=clip.device) + 0.5 for n in w.shape[1:]),
+                            indexing="ij")
+    total = w.sum((1, 2)).clamp(min=1e-8)
+    return torch.stack([(w * xs).sum((1, 2)) / total, (w * ys).sum((1, 2)) / total], dim=1)
+
+
+@torch.no_grad()
+def terminal_travel(model, frames=8, resolution=32, draws=32, precision="fp32", seed=0):
+    """How far the object of the model's mean clip at t = T moves along the prompted direction,
+    against rendered clips. Under zero terminal SNR x_T is pure noise, so the model's x0 estimate
+    there, averaged over draws of x_T, is its mean clip of the caption. The rendered clips' mean
+    of "a big red square moving right" moves right (a big object's start is nearly fixed by its
+    direction and speed), so a model that reads the direction word should predict that too.
+    Returns {direction: (model's travel, rendered clips' travel)} in pixels, first to last
+    frame's centroid, projected on the direction."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    on = torch.ones(draws, dtype=torch.bool, device=model.device)
+    no_image = torch.zeros(draws, model.clip.config.embed_dim, device=model.device)
+    t = torch.full((draws,), model.diffusion.num_timesteps - 1, device=model.device)
+    travel = {}
+    for name, (dx, dy) in shapes.DIRECTIONS.items():
+        text = model.encode_text([shapes.caption("red", "square", "big", name)] * draws)
+        context = model.context(text, no_image, on, ~on)
+        x_T = torch.randn(draws, 3, frames, resolution, resolution, generator=gen,
+                          device=model.device)
+        with torch.autocast(model.device.type, torch.bfloat16, enabled=precision == "bf16"):
+            out = model.unet(x_T, t, context, use_temporal=True).float()
+        x0, _ = model.diffusion.x0_eps_from(x_T, t, out)
+        rendered = shapes.render_batch(["red"] * 256, ["square"] * 256, ["big"] * 256,
+                                       [name] * 256, list(range(256)), frames, resolution)
+        unit = torch.tensor([dx, dy], dtype=torch.float32)
+        travel[name] = tuple(((c[-1] - c[0]).cpu() @ unit).item()
+                             for c in (centroids(x0.mean(0)), centroids(rendered.mean(0))))
+    return travel
+
+
 def probe(model, configs, args):
-    """eval.py CKPT --probe: print the caption probe's table and write it as JSON."""
+    """eval.py CKPT --probe: print the caption probe's and the t = T travel's tables, and write
+    them as JSON."""
     sc = shapes_config_of(configs)
-    losses = caption_probe(model, sc.frames, sc.resolution,
-                           precision=tft2v.pick_precision(args.precision, model.device))
+    precision = tft2v.pick_precision(args.precision, model.device)
+    losses = caption_probe(model, sc.frames, sc.resolution, precision=precision)
     lines = ["| caption | " + " | ".join(f"t = {t}" for t in PROBE_TIMESTEPS) + " |",
              "|---|" + "---|" * len(PROBE_TIMESTEPS)]
     lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
               for name, row in losses.items()]
+    travel = terminal_travel(model, sc.frames, sc.resolution, precision=precision)
+    lines += ["", "| a big red square moving | mean clip at t = T travels "
+                  "| rendered clips' mean |", "|---|---|---|"]
+    lines += [f"| {name} | {m:.1f} px | {r:.1f} px |" for name, (m, r) in travel.items()]
     print("\n".join(lines))
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
     path = (args.out or os.path.join(folder, "probe")) + ".json"
     with open(path, "w") as f:
-        json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "checkpoint": args.ckpt}, f,
-                  indent=1)
+        json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "travel": travel,
+                   "checkpoint": args.ckpt}, f, indent=1)
     print(f"wrote {path}")
-    return losses
+    return losses, travel
 
 
 def markdown(summary, title):

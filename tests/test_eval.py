@@ -141,3 +141,14 @@ def test_caption_probe_pairs_the_noise_so_only_the_caption_differs():
     losses = evaluation.caption_probe(model, **kwargs)
     assert losses["wrong colour"] != losses["own caption"] != losses["no caption"]
     assert losses == evaluation.caption_probe(model, **kwargs)  # deterministic
+
+
+def test_terminal_travel_is_zero_for_an_untrained_model_and_follows_the_rendered_direction():
+    from test_tft2v import make_model
+    travel = evaluation.terminal_travel(make_model().eval(), frames=4, resolution=16, draws=4)
+    assert set(travel) == set(shapes.DIRECTIONS)
+    for model_px, rendered_px in travel.values():
+        # zero output head: x0 estimate 0 everywhere, a flat grey clip with nothing to follow
+        assert model_px == 0.0
+        # a big object's mean clip moves the way its caption says (3 steps of 0.5-1 px)
+        assert 1.0 < rendered_px < 3.0
