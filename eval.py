@@ -15,6 +15,7 @@ Beside accuracy, with the checkpoint's own (project) CLIP:
 
     python eval.py runs/quick --suite demo --seeds 8     # the README's 32 demo videos
     python eval.py runs/toy --suite full --seeds 2       # every colour x shape x size
+    python eval.py runs/toy --probe      # does it read each caption word? (caption_probe)
 
 Writes a JSON file and a markdown table next to the checkpoint (or to --out).
 
@@ -638,6 +639,10 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", help="auto (bf16 where faster) | fp32 | bf16")
     p.add_argument("--out", default="", help="output stem (default: next to the checkpoint); "
                                              "with --ablate, the folder of all runs")
+    p.add_argument("--probe", action="store_true",
+                   help="caption probe instead of the suite: the training loss of rendered clips "
+                        "under right, wrong and missing words, and the travel of the mean clip "
+                        "at t = T (see caption_probe, terminal_travel)")
     g = p.add_argument_group("ablations (train and score)")
     g.add_argument("--ablate", default="", help="coherence,textfree,captions or all")
     g.add_argument("--preset", default="toy", help="train.py preset of every run")
@@ -647,12 +652,11 @@ def main(argv=None):
                         "CKPT train and score ours / control / unconditioned (see COMPOSE_RUNS)")
     g.add_argument("--guide_maps", action="store_true",
                    help="--compose: leave the maps out of the guidance's null pass")
-    p.add_argument("--probe", action="store_true",
-                   help="caption probe instead of the suite: the training loss of rendered clips "
-                        "under right, wrong and missing words (see caption_probe)")
     g.add_argument("--train_flags", default="",
                    help='extra train.py flags for every run, e.g. "--steps 3000"')
     args = p.parse_args(argv)
+    if args.probe and (args.ablate or args.compose):
+        p.error("--probe scores a checkpoint's reading of captions: no --ablate, no --compose")
     if args.ablate and (args.ckpt or args.compose):
         p.error("--ablate trains its own runs: no checkpoint, no --compose")
     if args.ckpt is None and not (args.ablate or args.compose):

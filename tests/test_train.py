@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on a tiny Shapes run: branch mixes, exact resume, DDP with
 gloo, a checkpoint driving sample.py, and clear errors on bad input."""
 
+import json
 import os
 import socket
 import time
@@ -169,6 +170,16 @@ def test_sample_py_bad_input_gives_one_line_error(checkpoint, tmp_path, bad, mes
     with pytest.raises(SystemExit, match=message):
         sample.main([item for pair in opts.items() for item in pair])
 
+
+def test_eval_py_probe_reads_a_train_py_checkpoint_and_writes_both_tables(checkpoint, tmp_path,
+                                                                          capsys):
+    import eval as evaluation
+    losses, travel = evaluation.main([checkpoint, "--probe", "--out", str(tmp_path / "p")])
+    out = capsys.readouterr().out
+    assert "| wrong direction |" in out and "| a big red square moving |" in out
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["losses"] == losses and len(losses["own caption"]) == 5
+    assert {k: tuple(v) for k, v in saved["travel"].items()} == travel
 
 def test_sample_py_rejects_a_foreign_checkpoint(checkpoint, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
