@@ -577,6 +577,12 @@ def terminal_travel(model, frames=8, resolution=32, draws=32, precision="fp32", 
     return travel
 
 
+def output_stem(args, name):
+    """Where a score of CKPT is written: --out, or `name` in the checkpoint's run folder."""
+    folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
+    return args.out or os.path.join(folder, name)
+
+
 def probe(model, configs, args):
     """eval.py CKPT --probe: print the caption probe's and the t = T travel's tables, and write
     them as JSON."""
@@ -592,8 +598,7 @@ def probe(model, configs, args):
                   "| rendered clips' mean |", "|---|---|---|"]
     lines += [f"| {name} | {m:.1f} px | {r:.1f} px |" for name, (m, r) in travel.items()]
     print("\n".join(lines))
-    folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
-    path = (args.out or os.path.join(folder, "probe")) + ".json"
+    path = output_stem(args, "probe") + ".json"
     with open(path, "w") as f:
         json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "travel": travel,
                    "checkpoint": args.ckpt}, f, indent=1)
@@ -690,8 +695,7 @@ def main(argv=None):
                              args.batch, tft2v.pick_precision(args.precision, device))
     summary |= {"suite": args.suite, "seeds": args.seeds, "steps": args.steps,
                 "guidance": args.guidance, "checkpoint": args.ckpt}
-    folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
-    stem = args.out or os.path.join(folder, f"eval_{args.suite}")
+    stem = output_stem(args, f"eval_{args.suite}")
     with open(stem + ".json", "w") as f:
         json.dump({"summary": summary, "rows": rows}, f, indent=1)
     table = markdown(summary, f"{args.suite} suite, {args.seeds} seed(s), {args.steps} DDIM "

@@ -181,6 +181,7 @@ def test_eval_py_probe_reads_a_train_py_checkpoint_and_writes_both_tables(checkp
     assert saved["losses"] == losses and len(losses["own caption"]) == 5
     assert {k: tuple(v) for k, v in saved["travel"].items()} == travel
 
+
 def test_sample_py_rejects_a_foreign_checkpoint(checkpoint, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a tft2v checkpoint"):
