@@ -495,6 +495,39 @@ QUALITY = (  # (key, column, format)
 PROBE_TIMESTEPS = (999, 900, 700, 500, 300)
 
 
+def probe_clips(clips, g):
+    """What the probe's clips show: `clips` (colour, shape, size, direction) drawn from the
+    random.Random `g`."""
+    return [(g.choice(list(shapes.COLOURS)), g.choice(shapes.SHAPES),
+             g.choice(list(shapes.SIZES)), g.choice(list(shapes.DIRECTIONS)))
+            for _ in range(clips)]
+
+
+def terminal_floor(frames=8, resolution=32, clips=48, renders=100, seed=0):
+    """The lowest loss any model can reach on the probe's clips at t = T, with and without the
+    direction word. Under zero terminal SNR x_T is pure noise and the v-target is -x0, so the
+    best prediction is minus the mean clip of the caption, and the loss left is the per-pixel
+    variance of the clips the caption describes: `renders` rendered clips per caption (without
+    the direction word: those of all four directions pooled), averaged over the probe's clips.
+    Returns {"own caption": floor, "no direction": floor}."""
+    g = random.Random(seed + 1)
+    pools = {}
+
+    def pool(colour, shape, size, direction):  # (renders, C, F, H, W), rendered once
+        key = (colour, shape, size, direction)
+        if key not in pools:
+            pools[key] = shapes.render_batch(
+                [colour] * renders, [shape] * renders, [size] * renders, [direction] * renders,
+                [g.randrange(2**31) for _ in range(renders)], frames, resolution)
+        return pools[key]
+    own, pooled = [], []
+    for c, s, z, d in probe_clips(clips, random.Random(seed)):
+        own.append(pool(c, s, z, d).var(0).mean().item())
+        pooled.append(torch.cat([pool(c, s, z, e) for e in shapes.DIRECTIONS]).var(0).mean()
+                      .item())
+    return {"own caption": sum(own) / clips, "no direction": sum(pooled) / clips}
+
+
 @torch.no_grad()
 def caption_probe(model, frames=8, resolution=32, clips=48, timesteps=PROBE_TIMESTEPS,
                   precision="fp32", seed=0):
@@ -505,8 +538,7 @@ def caption_probe(model, frames=8, resolution=32, clips=48, timesteps=PROBE_TIME
     as it was. No image condition. Returns {variant: [loss at each timestep]}."""
     g = random.Random(seed)
     colours, dirs = list(shapes.COLOURS), list(shapes.DIRECTIONS)
-    want = [(g.choice(colours), g.choice(shapes.SHAPES), g.choice(list(shapes.SIZES)),
-             g.choice(dirs)) for _ in range(clips)]
+    want = probe_clips(clips, g)
     videos = shapes.render_batch(*map(list, zip(*want)), [g.randrange(2**31) for _ in want],
                                  frames, resolution).to(model.device)
 
@@ -584,8 +616,8 @@ def output_stem(args, name):
 
 
 def probe(model, configs, args):
-    """eval.py CKPT --probe: print the caption probe's and the t = T travel's tables, and write
-    them as JSON."""
+    """eval.py CKPT --probe: print the caption probe's table (with the t = T floor, where the
+    schedule has zero terminal SNR) and the t = T travel's table, and write them as JSON."""
     sc = shapes_config_of(configs)
     precision = tft2v.pick_precision(args.precision, model.device)
     losses = caption_probe(model, sc.frames, sc.resolution, precision=precision)
@@ -593,6 +625,11 @@ def probe(model, configs, args):
              "|---|" + "---|" * len(PROBE_TIMESTEPS)]
     lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
               for name, row in losses.items()]
+    d = model.diffusion  # the floor is the caption's variance only where x_T is pure noise
+    at_T = d.alpha_bar[-1] == 0 and PROBE_TIMESTEPS[0] == d.num_timesteps - 1
+    floor = terminal_floor(sc.frames, sc.resolution) if at_T else {}
+    lines += [f"| lowest possible, {name} | {v:.4f} |" + " - |" * (len(PROBE_TIMESTEPS) - 1)
+              for name, v in floor.items()]
     travel = terminal_travel(model, sc.frames, sc.resolution, precision=precision)
     lines += ["", "| a big red square moving | mean clip at t = T travels "
                   "| rendered clips' mean |", "|---|---|---|"]
@@ -600,8 +637,8 @@ def probe(model, configs, args):
     print("\n".join(lines))
     path = output_stem(args, "probe") + ".json"
     with open(path, "w") as f:
-        json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "travel": travel,
-                   "checkpoint": args.ckpt}, f, indent=1)
+        json.dump({"timesteps": PROBE_TIMESTEPS, "losses": losses, "floor_at_T": floor,
+                   "travel": travel, "checkpoint": args.ckpt}, f, indent=1)
     print(f"wrote {path}")
     return losses, travel
 

@@ -2,6 +2,7 @@
 Frechet distances in CLIP space."""
 
 import json
+import random
 import re
 import shlex
 
@@ -141,6 +142,18 @@ def test_caption_probe_pairs_the_noise_so_only_the_caption_differs():
     losses = evaluation.caption_probe(model, **kwargs)
     assert losses["wrong colour"] != losses["own caption"] != losses["no caption"]
     assert losses == evaluation.caption_probe(model, **kwargs)  # deterministic
+
+
+def test_terminal_floor_is_lower_with_the_direction_word_and_below_predicting_zero():
+    kwargs = dict(frames=4, resolution=16, clips=6, renders=16)
+    floor = evaluation.terminal_floor(**kwargs)
+    assert floor == evaluation.terminal_floor(**kwargs)  # deterministic
+    # naming the direction narrows where a moving object can be, so the mean clip predicts more
+    assert 0 < floor["own caption"] < floor["no direction"]
+    # and the mean clip beats the trivial prediction 0, whose loss is the clips' mean square
+    want = evaluation.probe_clips(6, random.Random(0))
+    clips = shapes.render_batch(*map(list, zip(*want)), list(range(6)), 4, 16)
+    assert floor["no direction"] < clips.pow(2).mean()
 
 
 def test_terminal_travel_is_zero_for_an_untrained_model_and_follows_the_rendered_direction():

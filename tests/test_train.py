@@ -177,7 +177,9 @@ def test_eval_py_probe_reads_a_train_py_checkpoint_and_writes_both_tables(checkp
     losses, travel = evaluation.main([checkpoint, "--probe", "--out", str(tmp_path / "p")])
     out = capsys.readouterr().out
     assert "| wrong direction |" in out and "| a big red square moving |" in out
+    assert "| lowest possible, own caption |" in out  # zero terminal SNR: the t = T floor
     saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["floor_at_T"]["own caption"] < saved["floor_at_T"]["no direction"]
     assert saved["losses"] == losses and len(losses["own caption"]) == 5
     assert {k: tuple(v) for k, v in saved["travel"].items()} == travel
 
