@@ -306,7 +306,7 @@ def ablation_rows(results):
         out = {k: 100 * g["all"][k] for k in ACCURACY if k in g["all"]}
         out |= {f"held-out {k}": 100 * g["held_out"][k] for k in ("colour", "shape")
                 if k in g.get("held_out", {})}
-        out |= {k: g[k] for k in ("frame_consistency", "fd_frames", "fd_clips")}
+        out |= {k: g[k] for k in ("frame_consistency", "colour_drift", "fd_frames", "fd_clips")}
         return out
     rows = {}
     for variant, summaries in results.items():
@@ -335,7 +335,8 @@ def ablate(args):
              f"training {sum(trained) / 60:.0f} min (mean {mean_min(trained)} per run"
              f"{'' if len(trained) == len(runs) else f', {len(trained)} runs timed'}), "
              f"scoring {scored / 60:.0f} min.", "",
-             "| claim | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+             "| claim | variant | " + " | ".join(COLUMNS.get(k, k) for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
     claims = [("(d) held-out combinations: see the held-out columns", BASELINE)] + [
         (ABLATIONS[n][0], v) for n in names for v, _ in ABLATIONS[n][1]]
     for claim, variant in claims:
@@ -486,6 +487,7 @@ QUALITY = (  # (key, column, format)
     ("path_smoothness", "path smoothness (px)", "{:.3f}"),
     ("fd_frames", "FD frames", "{:.4f}"),
     ("fd_clips", "FD clips", "{:.4f}"))
+COLUMNS = {key: column for key, column, _ in QUALITY}  # a figure's key -> its table heading
 
 
 # ----------------------------------------------------------------------------------------------

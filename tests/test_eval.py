@@ -110,6 +110,8 @@ def test_ablation_command_trains_scores_and_resumes_every_variant(tmp_path, caps
         "baseline_seed0", "baseline_seed1", "coherence_off_seed0", "coherence_off_seed1"]
     table = (tmp_path / "ablation.md").read_text()
     assert "(a) coherence loss off vs on" in table and "+-" in table
+    # the coherence loss's two claimed effects: consecutive frames alike, less colour shift
+    assert "| frame consistency |" in table and "| colour drift |" in table
     summary = json.loads((tmp_path / "baseline_seed0" / "eval_demo.json").read_text())
     assert summary["train_seconds"] > 0 and 0 <= summary["generated"]["all"]["colour"] <= 1
     assert re.search(r"4 runs: training \d+ min \(mean \d+ min per run\), scoring", table)
