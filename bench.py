@@ -144,6 +144,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when sampling")
     parser.add_argument("--sample-batches", default="1,16", help="videos per sampling call")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (train.py and sample.py call "
+                             "tft2v.keep_freed_memory; this measures without it)")
     parser.add_argument("--json", default="", help="also write the results to this path")
     args = parser.parse_args(argv)
     preset = train.presets().get(args.preset)
@@ -157,6 +160,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    kept = False if args.system_malloc else tft2v.keep_freed_memory()
     if preset is not None:
         config = dataclasses.replace(preset["unet"], context_dim=preset["clip"].transformer_width)
     else:
@@ -166,9 +170,9 @@ def main(argv=None):
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())
 
-    results = dict(device=str(device), threads=torch.get_num_threads(), preset=args.preset,
-                   config=dataclasses.asdict(config), params=params, matmul_size=args.matmul_size,
-                   matmul_gflops={}, runs=[])
+    results = dict(device=str(device), threads=torch.get_num_threads(), malloc_kept=kept,
+                   preset=args.preset, config=dataclasses.asdict(config), params=params,
+                   matmul_size=args.matmul_size, matmul_gflops={}, runs=[])
     dtypes = args.dtypes.split(",")
     for dtype in dtypes:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -213,7 +217,7 @@ def main(argv=None):
     results["peak_memory_mb"] = peak_memory_mb(device)
 
     print(f"UNet3D preset {args.preset}: {params / 1e6:.2f} M parameters, device {device}, "
-          f"{results['threads']} threads")
+          f"{results['threads']} threads, malloc keeps freed memory: {'yes' if kept else 'no'}")
     print("matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
                                 results["matmul_gflops"].items()) + f" (n = {args.matmul_size})")
     print(f"{'branch':8} {'dtype':5} {'B':>3} {'F':>3} {'HxW':>7} {'step s':>8} {'GFLOP':>7} "

@@ -718,6 +718,7 @@ def main(argv=None):
         return compose(args)
     try:
         device = tft2v.pick_device(args.device)
+        tft2v.keep_freed_memory()
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
     except ValueError as e:
         sys.exit(f"error: {e}")

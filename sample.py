@@ -131,6 +131,7 @@ def main(argv=None):
             raise ValueError(f"output folder {out_dir} is not writable")
         device = tft2v.pick_device(args.device)
         precision = tft2v.pick_precision(args.precision, device)
+        tft2v.keep_freed_memory()
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
         frames = args.frames or configs["shapes"]["frames"]
         size = args.size or configs["shapes"]["resolution"]

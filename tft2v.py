@@ -26,6 +26,7 @@ L text tokens, D context width, E CLIP embedding width. Videos are (B, C, F, H, 
 images are videos with F = 1.
 """
 
+import ctypes
 import glob
 import math
 import os
@@ -62,6 +63,24 @@ def pick_precision(name, device):
     except OSError:
         return "fp32"
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the system.
+
+    By default glibc serves blocks over a moving threshold (128 KB at first) with fresh mmap'd
+    pages and returns freed heap above 128 KB, so the same large activations of every training
+    step come back as new pages the kernel must fault in and zero. Measured on a 2-core VM, a
+    `tiny` bf16 step faulted in ~50,000 pages and ran 3-8% faster with them kept. Blocks up to
+    32 MB (glibc's largest threshold) then come from the heap, and the heap is not trimmed. A
+    no-op where the C library is not glibc. Returns whether it applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                    and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

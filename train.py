@@ -397,6 +397,7 @@ def train(configs):
     t_start = time.time()
     rank, world, device = setup_distributed(tft2v.pick_device(cfg.device))
     precision = tft2v.pick_precision(cfg.precision, device)
+    tft2v.keep_freed_memory()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     os.makedirs(cfg.out, exist_ok=True)
     existing = tft2v.checkpoints(cfg.out)

@@ -1,8 +1,13 @@
-"""bench.py runs end to end on a training preset and reports every figure it promises."""
+"""bench.py runs end to end on a training preset and reports every figure it promises; the
+allocator setting it measures applies."""
 
 import json
+import platform
+
+import pytest
 
 import bench
+import tft2v
 
 
 def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_path):
@@ -19,3 +24,8 @@ def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_pa
     assert {r["branch"] for r in results["data"]} == {"content", "motion"}
     assert all(0 < r["of_fastest_step"] < 1 for r in results["data"])
     assert results["peak_memory_mb"] > 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_on_glibc():
+    assert tft2v.keep_freed_memory()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import unet3d
 from unet3d import PRESETS, Attention, UNet3D, UNetConfig
 
 SMALL = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -145,6 +146,26 @@ def test_attention_matches_slow_softmax_reference(context_dim):
     q, k, v = heads(attn.to_q(x)), heads(attn.to_k(source)), heads(attn.to_v(source))
     expected = attn.to_out(slow_attention(q, k, v).transpose(1, 2).flatten(2))
     torch.testing.assert_close(attn(x, context), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [10**9, 2 * 3 * 9 * 6])  # one chunk; chunks of 2, 2, 1 rows
+def test_bfloat16_cpu_attention_matches_reference_and_its_gradients(monkeypatch, chunk):
+    """bfloat16 on the CPU takes the plain, batch-chunked path: same values and gradients as the
+    float32 reference, to bfloat16 precision, however the batch is chunked."""
+    monkeypatch.setattr(unet3d, "SCORE_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 3, n, 8, generator=g) for n in (9, 6, 6))  # (N, heads, S or L, d)
+    grad = torch.randn(5, 3, 9, 8, generator=g)
+    ours = [a.bfloat16().requires_grad_() for a in (q, k, v)]
+    ref = [a.clone().requires_grad_() for a in (q, k, v)]
+    out = unet3d.attention(*ours)
+    expected = slow_attention(*ref)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    out.backward(grad.bfloat16())
+    expected.backward(grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=6e-2, rtol=6e-2)
 
 
 @torch.no_grad()
