@@ -115,13 +115,13 @@ def attention(q, k, v):
 
     torch's scaled_dot_product_attention (fused kernels on CUDA, a flash kernel on the CPU), except
     for bfloat16 on the CPU. There, measured on a 2-core AVX-512 CPU (forward + backward, each
-    attention of the `tiny` UNet's step), torch's flash kernel took 1.2x to 2.8x as long as a plain
-    matmul-softmax in bfloat16 (1,024-token self-attention: 96 vs 71 ms; 8-frame temporal
-    attention: 17 vs 6 ms), and a step 25% longer. The plain form materialises the (S, L) scores,
-    so it runs on chunks of the batch of about SCORE_CHUNK scores each: one chunk for short
-    sequences, one 1,024-token sequence at a time at full resolution. As under autocast on CUDA,
-    the scores are rounded to bfloat16 before the softmax. float32 on the CPU keeps the flash
-    kernel, which was as fast or faster there."""
+    attention of the `tiny` UNet's step), torch's flash kernel took 1.2x to 2.9x as long as a plain
+    matmul-softmax in bfloat16 (1,024-token self-attention: 96 vs 76 ms; 8-frame temporal
+    attention: 17 vs 6 ms), and the whole step 20-35% longer. The plain form materialises the
+    (S, L) scores, so it runs on chunks of the batch of about SCORE_CHUNK scores each: one chunk
+    for short sequences, two 1,024-token sequences at a time at full resolution. As under
+    autocast on CUDA, the scores are rounded to bfloat16 before the softmax. float32 on the CPU
+    keeps the flash kernel, which was as fast or faster there."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v)
     rows = max(1, SCORE_CHUNK // (q.shape[1] * q.shape[2] * k.shape[2]))  # batch rows per chunk
