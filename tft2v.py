@@ -72,9 +72,9 @@ def keep_freed_memory():
     pages and returns freed heap above 128 KB, so the same large activations of every training
     step come back as new pages the kernel must fault in and zero. Measured on a 2-core VM: the
     `tiny` bf16 training step that bench.py times faulted in ~42,000 pages each time, none with
-    this, and ran 2-7% faster. Blocks up to 32 MB (glibc's largest threshold) then come from the heap,
-    and the heap is not trimmed. A no-op where the C library is not glibc. Returns whether it
-    applied."""
+    this, and ran 2-7% faster. Blocks up to 32 MB (glibc's largest threshold) then come from the
+    heap, and the heap is not trimmed. A no-op where the C library is not glibc. Returns whether
+    it applied."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
