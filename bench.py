@@ -145,8 +145,8 @@ def main(argv=None):
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when sampling")
     parser.add_argument("--sample-batches", default="1,16", help="videos per sampling call")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (train.py and sample.py call "
-                             "tft2v.keep_freed_memory; this measures without it)")
+                        help="leave glibc's malloc as it is (train.py, sample.py and eval.py "
+                             "call tft2v.keep_freed_memory; this measures without it)")
     parser.add_argument("--json", default="", help="also write the results to this path")
     args = parser.parse_args(argv)
     preset = train.presets().get(args.preset)
