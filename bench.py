@@ -1,7 +1,8 @@
-"""Speed figures for the UNet of unet3d.py: one training step (forward, backward, AdamW) of the
-motion branch (video, temporal layers on) and of the content branch (images, F = 1, temporal
-layers off), in float32 and in bfloat16 autocast, with the parameter count, the step's FLOPs
-(torch.utils.flop_counter) and the achieved rate against a plain matmul measured in the same run.
+"""Speed figures for the UNet of unet3d.py: one training step (forward, backward, and the AdamW
+of train.py) of the motion branch (video, temporal layers on) and of the content branch (images,
+F = 1, temporal layers off), in float32 and in bfloat16 autocast, with the parameter count, the
+step's FLOPs (torch.utils.flop_counter) and the achieved rate against a plain matmul measured in
+the same run.
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
 guidance (one video and a batch), the Shapes data pipeline's share of a step, and peak memory.
 
@@ -167,7 +168,7 @@ def main(argv=None):
         config = unet3d.PRESETS[args.preset]
     config = dataclasses.replace(config, use_checkpoint=args.checkpoint)
     model = unet3d.UNet3D(config).to(device).train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimiser = train.make_optimizer(list(model.parameters()), train.TrainConfig(lr=1e-4))
     params = sum(p.numel() for p in model.parameters())
 
     results = dict(device=str(device), threads=torch.get_num_threads(), malloc_kept=kept,

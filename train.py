@@ -353,11 +353,22 @@ def clip_stage(cfg, configs, device):
 # Stage 2: joint diffusion training (TF-T2V Fig. 2)
 
 
+def make_optimizer(params, cfg):
+    """AdamW over `params` (a list), torch's fused kernel where it has one for the device (CUDA;
+    the CPU since torch 2.4), else the default. Measured for the `quick` UNet's 1.8 M parameters
+    in 402 tensors on the 2-core CPU: 3.4 ms per step fused, 11.4 foreach, 14.6 the per-tensor
+    loop the CPU gets by default, i.e. 10% of a `quick` training step."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # no fused kernel here
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach(), 1 - decay)
+def ema_update(ema_tensors, params, decay):
+    """ema <- decay * ema + (1 - decay) * weights, over two matching lists of tensors, in one
+    foreach call (a loop over `named_parameters` took ~8 ms of a `quick` step)."""
+    torch._foreach_lerp_(ema_tensors, params, 1 - decay)
 
 
 @torch.no_grad()
@@ -428,8 +439,8 @@ def train(configs):
         model.unet.forward = torch.compile(model.unet.forward)
 
     # stage 2: joint training
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    params = model.trainable_parameters()
+    opt = make_optimizer(params, cfg)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = datasets(cfg, configs["shapes"])
     wanted = {b.strip() for b in cfg.branches.split(",") if b.strip()}
@@ -452,6 +463,7 @@ def train(configs):
         start = resume["step"]
         seconds_before = resume.get("seconds", 0.0)  # checkpoints before this field: 0
         del resume
+    ema_tensors = [ema[n] for n, p in model.named_parameters() if p.requires_grad]  # as params
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -476,9 +488,9 @@ def train(configs):
                      f"--precision fp32, then --resume.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        ema_update(ema, model, cfg.ema_decay)
+        ema_update(ema_tensors, params, cfg.ema_decay)
         running.update(parts)
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):

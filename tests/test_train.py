@@ -60,6 +60,33 @@ def test_resume_n_plus_n_equals_2n(tmp_path):
     assert all(torch.allclose(ema_full[k], ema_split[k], atol=1e-6) for k in ema_full)
 
 
+def test_ema_update_is_a_lerp_towards_the_weights():
+    ema, weights = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
+    train.ema_update(ema, weights, 0.9)
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+    assert torch.allclose(ema[1], torch.full((2,), 1.2))
+
+
+def test_make_optimizer_is_fused_on_torch_2_4_and_steps_like_plain_adamw():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_() for w in weights]
+    start = [w.detach().clone() for w in weights]
+    cfg = train.TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = train.make_optimizer(weights, cfg)
+    plain = torch.optim.AdamW(twins, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert opt.defaults["fused"]
+    for _ in range(3):
+        for ws, o in ((weights, opt), (twins, plain)):
+            o.zero_grad()
+            sum((w ** 2).sum() for w in ws).backward()
+            o.step()
+    for w, t, s in zip(weights, twins, start):
+        assert not torch.equal(w.detach(), s)
+        assert torch.allclose(w, t, atol=1e-6), (w - t).abs().max()
+
+
 def test_checkpoint_seconds_add_up_over_resumes(tmp_path):
     _, ckpt = run(tmp_path, "--steps", "1")
     state = torch.load(ckpt, weights_only=False)
