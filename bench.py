@@ -168,7 +168,7 @@ def main(argv=None):
         config = unet3d.PRESETS[args.preset]
     config = dataclasses.replace(config, use_checkpoint=args.checkpoint)
     model = unet3d.UNet3D(config).to(device).train()
-    optimiser = train.make_optimizer(list(model.parameters()), train.TrainConfig(lr=1e-4))
+    optimiser = train.make_optimizer(list(model.parameters()), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())
 
     results = dict(device=str(device), threads=torch.get_num_threads(), malloc_kept=kept,

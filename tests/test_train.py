@@ -72,9 +72,8 @@ def test_make_optimizer_is_fused_on_torch_2_4_and_steps_like_plain_adamw():
     weights = [torch.randn(5, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
     twins = [w.detach().clone().requires_grad_() for w in weights]
     start = [w.detach().clone() for w in weights]
-    cfg = train.TrainConfig(lr=1e-2, weight_decay=0.1)
-    opt = train.make_optimizer(weights, cfg)
-    plain = torch.optim.AdamW(twins, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    opt = train.make_optimizer(weights, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
         assert opt.defaults["fused"]
     for _ in range(3):
