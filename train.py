@@ -92,7 +92,7 @@ DEMO_PROMPTS = "a big red circle;a small blue square;a big blue circle;a small y
 def presets():
     """Named presets: every config for a run. `quick` is the README's main job on a CPU."""
     quick = dict(
-        # under 10 minutes on a 2-core CPU: CLIP ~1 min, 3000 diffusion steps 7.2-8.1 min, samples
+        # under 10 minutes on a 2-core CPU: CLIP ~1 min, 3000 diffusion steps ~8 min, samples
         train=TrainConfig(steps=3000, image_batch=32, video_batch=4, lr=2e-3, ema_decay=0.995,
                           branches="content,content,motion", clip_steps=600, ckpt_every=800,
                           preview_every=800, preview_prompts=DEMO_PROMPTS),

@@ -217,3 +217,14 @@ def test_compose_experiment_trains_and_scores_three_models(tmp_path):
     md = (tmp_path / "compose.md").read_text()
     assert "| ours | silhouette |" in md and "| rendered clips | - |" in md
     assert os.path.exists(tmp_path / "compose_filmstrip.png")
+
+
+def test_compose_unconditioned_run_is_ours_without_the_maps():
+    runs = {name: train.parse_args(flags) for name, flags in evaluation.COMPOSE_RUNS}
+    ours, twin = runs["ours"], runs["unconditioned"]
+    assert twin["tft2v"].conditions == "" and twin["unet"].condition_channels == 0
+    for section in ours:
+        a, b = dataclasses.asdict(ours[section]), dataclasses.asdict(twin[section])
+        for name in ("conditions", "condition_channels"):
+            a.pop(name, None), b.pop(name, None)
+        assert a == b, section
