@@ -363,8 +363,8 @@ COMPOSE_RUNS = (  # (name, train.py flags)
     ("control", ["--preset", "compose", "--tft2v.video_conditions", "true"]),  # + video pairs
     # the same recipe without condition maps (compose pins the schedule its figures were made
     # with, so this run stays its twin when the `quick` preset changes)
-    ("unconditioned", ["--preset", "compose", "--tft2v.conditions", "", "--unet.condition_channels",
-                       "0"]),
+    ("unconditioned", ["--preset", "compose", "--tft2v.conditions", "",
+                       "--unet.condition_channels", "0"]),
 )
 COMPOSE_FIGURES = ("iou", "colour", "shape", "size", "direction", "frame_consistency")
 EXAMPLES = (5, 42)  # filmstrip examples in the suite: big red triangle, small cyan square
