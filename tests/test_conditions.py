@@ -226,5 +226,6 @@ def test_compose_unconditioned_run_is_ours_without_the_maps():
     for section in ours:
         a, b = dataclasses.asdict(ours[section]), dataclasses.asdict(twin[section])
         for name in ("conditions", "condition_channels"):
-            a.pop(name, None), b.pop(name, None)
+            a.pop(name, None)
+            b.pop(name, None)
         assert a == b, section
