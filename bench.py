@@ -2,13 +2,14 @@
 of train.py) of the motion branch (video, temporal layers on) and of the content branch (images,
 F = 1, temporal layers off), in float32 and in bfloat16 autocast, with the parameter count, the
 step's FLOPs (torch.utils.flop_counter) and the achieved rate against a plain matmul measured in
-the same run.
+the same run; with --compile, each step again with the UNet under torch.compile.
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
 guidance (one video and a batch), the Shapes data pipeline's share of a step, and peak memory.
 
     python bench.py                       # the UNet's tiny preset on this machine's default device
     python bench.py --preset quick        # the quick training preset: steps, sampling, data
     python bench.py --json out/bench.json --steps 10
+    python bench.py --compile             # eager and torch.compile'd steps side by side
 
 On a shared CPU run it under `flock /tmp/tft2v_cpu.lock` so timings do not overlap other jobs.
 
@@ -71,10 +72,12 @@ def matmul_gflops(dtype, n, steps, device):
     return 2 * n**3 / seconds / 1e9
 
 
-def make_step(model, optimiser, batch, frames, size, use_temporal, dtype, device, context_len):
+def make_step(model, optimiser, batch, frames, size, use_temporal, dtype, device, context_len,
+              net=None):
     """A closure running one training step on fixed random data, and a forward+backward closure
-    (for the FLOP count)."""
+    (for the FLOP count). `net` runs the forward in place of `model` (its compiled form)."""
     c = model.config
+    net = model if net is None else net
     x = torch.randn(batch, c.in_channels, frames, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     context = torch.randn(batch, context_len, c.context_dim, device=device)
@@ -82,7 +85,7 @@ def make_step(model, optimiser, batch, frames, size, use_temporal, dtype, device
 
     def forward_backward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            pred = model(x, t, context, use_temporal=use_temporal)
+            pred = net(x, t, context, use_temporal=use_temporal)
         F.mse_loss(pred.float(), target).backward()
 
     def step():
@@ -141,6 +144,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every step with the UNet under torch.compile (as train.py "
+                             "--compile); the first compiled step's time, compilation included, "
+                             "is reported as compile_s")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (see torch._dynamo.list_backends())")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when sampling")
@@ -182,6 +191,10 @@ def main(argv=None):
 
     branches = [("motion", args.batch, args.frames, True),
                 ("content", args.image_batch, 1, False)]
+    # one compiled module for all runs; each branch and precision compiles its own graph
+    # (dynamic=False: specialise on every shape rather than trace a shape-generic graph)
+    compiled = (torch.compile(model, backend=args.compile_backend, dynamic=False)
+                if args.compile else None)
     for name, batch, frames, use_temporal in branches:
         for dtype in dtypes:
             step, forward_backward = make_step(model, optimiser, batch, frames, args.size,
@@ -190,12 +203,21 @@ def main(argv=None):
             with counter:
                 forward_backward()
             optimiser.zero_grad(set_to_none=True)
-            seconds = median_time(step, args.steps, args.warmup, device)
-            flops = counter.get_total_flops()
-            results["runs"].append(dict(
-                branch=name, dtype=dtype, batch=batch, frames=frames, size=args.size,
-                step_s=seconds, gflop=flops / 1e9, gflops=flops / seconds / 1e9,
-                of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
+            flops = counter.get_total_flops()  # a compiled step does the same arithmetic
+            steps = [(False, step)]
+            if compiled is not None:
+                steps.append((True, make_step(model, optimiser, batch, frames, args.size,
+                                              use_temporal, dtype, device, args.context_len,
+                                              net=compiled)[0]))
+            for is_compiled, run in steps:
+                # the first compiled call traces and compiles: its time, once, is compile_s
+                compile_s = median_time(run, 1, 0, device) if is_compiled else None
+                seconds = median_time(run, args.steps, args.warmup, device)
+                results["runs"].append(dict(
+                    branch=name, dtype=dtype, compiled=is_compiled, compile_s=compile_s,
+                    batch=batch, frames=frames, size=args.size, step_s=seconds,
+                    gflop=flops / 1e9, gflops=flops / seconds / 1e9,
+                    of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
 
     if preset is not None:
         model.eval()
@@ -221,18 +243,19 @@ def main(argv=None):
           f"{results['threads']} threads, malloc keeps freed memory: {'yes' if kept else 'no'}")
     print("matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
                                 results["matmul_gflops"].items()) + f" (n = {args.matmul_size})")
-    print(f"{'branch':8} {'dtype':5} {'B':>3} {'F':>3} {'HxW':>7} {'step s':>8} {'GFLOP':>7} "
-          f"{'GFLOP/s':>8} {'of matmul':>9}")
+    print(f"{'branch':8} {'dtype':5} {'mode':7} {'B':>3} {'F':>3} {'HxW':>7} {'step s':>8} "
+          f"{'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}")
     for r in results["runs"]:
-        print(f"{r['branch']:8} {r['dtype']:5} {r['batch']:>3} {r['frames']:>3} "
-              f"{r['size']:>3}x{r['size']:<3} {r['step_s']:8.3f} {r['gflop']:7.1f} "
-              f"{r['gflops']:8.1f} {r['of_matmul']:9.0%}")
+        print(f"{r['branch']:8} {r['dtype']:5} {'compile' if r['compiled'] else 'eager':7} "
+              f"{r['batch']:>3} {r['frames']:>3} {r['size']:>3}x{r['size']:<3} "
+              f"{r['step_s']:8.3f} {r['gflop']:7.1f} {r['gflops']:8.1f} {r['of_matmul']:9.0%}"
+              + (f"  (first step, compiling: {r['compile_s']:.1f} s)" if r["compiled"] else ""))
     for r in results.get("sampling", []):
         print(f"sampling {r['batch']:>2} video(s), DDIM {r['steps']} steps with guidance, "
               f"{r['dtype']}: {r['seconds']:.2f} s")
     for r in results.get("data", []):
         print(f"data: a {r['branch']} batch of {r['batch']} renders in {r['seconds'] * 1e3:.1f} ms"
-              f", {r['of_fastest_step']:.1%} of a step (fastest precision)")
+              f", {r['of_fastest_step']:.1%} of a step (the fastest step)")
     print(f"peak memory: {results['peak_memory_mb']:.0f} MB "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'})")
     if args.json:

@@ -5,6 +5,7 @@ import json
 import platform
 
 import pytest
+from torch._dynamo.utils import counters
 
 import bench
 import tft2v
@@ -18,12 +19,32 @@ def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_pa
     assert json.loads(out.read_text())["params"] == results["params"] > 0
     assert {(r["branch"], r["dtype"]) for r in results["runs"]} == {
         ("motion", "fp32"), ("content", "fp32")}
+    assert not any(r["compiled"] for r in results["runs"])
     assert all(r["step_s"] > 0 and r["gflop"] > 0 for r in results["runs"])
     assert results["runs"][0]["batch"] == 4 and results["runs"][1]["batch"] == 32  # quick's
     assert [(r["batch"], r["steps"]) for r in results["sampling"]] == [(1, 2)]
     assert {r["branch"] for r in results["data"]} == {"content", "motion"}
     assert all(0 < r["of_fastest_step"] < 1 for r in results["data"])
     assert results["peak_memory_mb"] > 0
+
+
+def test_bench_compile_times_a_compiled_twin_of_every_step():
+    """--compile adds, per branch and precision, the step with the UNet under torch.compile (the
+    "eager" backend here: the same tracing through torch._dynamo, without inductor's minutes of
+    code generation), with the same FLOP count and the first call's time as compile_s."""
+    counters.clear()
+    results = bench.main(["--preset", "quick", "--steps", "1", "--warmup", "0", "--dtypes",
+                          "fp32", "--sample-steps", "1", "--sample-batches", "1",
+                          "--matmul-size", "64", "--compile", "--compile-backend", "eager"])
+    runs = {(r["branch"], r["compiled"]): r for r in results["runs"]}
+    assert set(runs) == {("motion", False), ("motion", True), ("content", False),
+                         ("content", True)}
+    for branch in ("motion", "content"):
+        eager, compiled = runs[branch, False], runs[branch, True]
+        assert compiled["gflop"] == eager["gflop"] > 0
+        assert compiled["step_s"] > 0 and compiled["compile_s"] > 0
+        assert eager["compile_s"] is None
+    assert counters["stats"]["unique_graphs"] >= 2  # dynamo captured the UNet, once per branch
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
