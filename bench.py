@@ -204,12 +204,12 @@ def main(argv=None):
                 forward_backward()
             optimiser.zero_grad(set_to_none=True)
             flops = counter.get_total_flops()  # a compiled step does the same arithmetic
-            steps = [(False, step)]
+            timed = [(False, step)]
             if compiled is not None:
-                steps.append((True, make_step(model, optimiser, batch, frames, args.size,
+                timed.append((True, make_step(model, optimiser, batch, frames, args.size,
                                               use_temporal, dtype, device, args.context_len,
                                               net=compiled)[0]))
-            for is_compiled, run in steps:
+            for is_compiled, run in timed:
                 # the first compiled call traces and compiles: its time, once, is compile_s
                 compile_s = median_time(run, 1, 0, device) if is_compiled else None
                 seconds = median_time(run, args.steps, args.warmup, device)
