@@ -439,8 +439,8 @@ def train(configs):
     if world > 1:  # CLIP is frozen, so DDP would not keep it in sync: start from rank 0's
         for p in model.clip.parameters():
             dist.broadcast(p.data, 0)
-    if cfg.compile:
-        model.unet.forward = torch.compile(model.unet.forward)
+    if cfg.compile:  # one graph per branch's shapes (dynamic=False: each specialised, as bench.py)
+        model.unet.forward = torch.compile(model.unet.forward, dynamic=False)
 
     # stage 2: joint training
     params = model.trainable_parameters()
@@ -524,8 +524,16 @@ def train(configs):
     return model, last_ckpt
 
 
-def main(argv=None):
+def set_backend_flags():
+    """float32 matmuls may round their inputs to TF32 on CUDA (torch's "high" precision; no
+    effect on a CPU), and cuDNN times its convolution algorithms once per new shape and keeps the
+    fastest (a run has two or three fixed shapes, one per branch)."""
     torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.benchmark = True
+
+
+def main(argv=None):
+    set_backend_flags()
     train(parse_args(argv))
 
 
