@@ -142,7 +142,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--matmul-size", type=int, default=0,
+                        help="n of the n x n x n matmul that measures the peak (0: 8192 on CUDA, "
+                             "where 2048 reached 42%% of it on an H100, else 2048)")
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
     parser.add_argument("--compile", action="store_true",
                         help="also time every step with the UNet under torch.compile (as train.py "
@@ -168,8 +170,10 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    train.set_backend_flags()  # as train.py: TF32 matmuls for float32 on CUDA, cuDNN autotuning
     torch.manual_seed(0)
     device = torch.device(args.device)
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     kept = False if args.system_malloc else tft2v.keep_freed_memory()
     if preset is not None:
         config = dataclasses.replace(preset["unet"], context_dim=preset["clip"].transformer_width)
@@ -210,11 +214,14 @@ def main(argv=None):
                                               use_temporal, dtype, device, args.context_len,
                                               net=compiled)[0]))
             for is_compiled, run in timed:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 # the first compiled call traces and compiles: its time, once, is compile_s
                 compile_s = median_time(run, 1, 0, device) if is_compiled else None
                 seconds = median_time(run, args.steps, args.warmup, device)
                 results["runs"].append(dict(
                     branch=name, dtype=dtype, compiled=is_compiled, compile_s=compile_s,
+                    peak_mb=peak_memory_mb(device) if device.type == "cuda" else None,
                     batch=batch, frames=frames, size=args.size, step_s=seconds,
                     gflop=flops / 1e9, gflops=flops / seconds / 1e9,
                     of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
@@ -237,18 +244,22 @@ def main(argv=None):
             seconds = data_seconds(kind, batch, preset["shapes"], args.steps)
             results["data"].append(dict(branch=branch, batch=batch, seconds=seconds,
                                         of_fastest_step=seconds / (seconds + fastest[branch])))
-    results["peak_memory_mb"] = peak_memory_mb(device)
+    # on CUDA the allocator's peak was reset before each timed run: the largest of them all
+    results["peak_memory_mb"] = max([peak_memory_mb(device)] + [r["peak_mb"] or 0
+                                                                 for r in results["runs"]])
 
     print(f"UNet3D preset {args.preset}: {params / 1e6:.2f} M parameters, device {device}, "
           f"{results['threads']} threads, malloc keeps freed memory: {'yes' if kept else 'no'}")
     print("matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
                                 results["matmul_gflops"].items()) + f" (n = {args.matmul_size})")
     print(f"{'branch':8} {'dtype':5} {'mode':7} {'B':>3} {'F':>3} {'HxW':>7} {'step s':>8} "
-          f"{'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}")
+          f"{'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}"
+          + (f" {'peak MB':>8}" if device.type == "cuda" else ""))
     for r in results["runs"]:
         print(f"{r['branch']:8} {r['dtype']:5} {'compile' if r['compiled'] else 'eager':7} "
               f"{r['batch']:>3} {r['frames']:>3} {r['size']:>3}x{r['size']:<3} "
               f"{r['step_s']:8.3f} {r['gflop']:7.1f} {r['gflops']:8.1f} {r['of_matmul']:9.0%}"
+              + (f" {r['peak_mb']:8.0f}" if r["peak_mb"] is not None else "")
               + (f"  (first step, compiling: {r['compile_s']:.1f} s)" if r["compiled"] else ""))
     for r in results.get("sampling", []):
         print(f"sampling {r['batch']:>2} video(s), DDIM {r['steps']} steps with guidance, "
