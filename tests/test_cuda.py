@@ -1,6 +1,7 @@
-"""The CUDA path: the UNet on a GPU against the CPU, bf16 autocast against float32, every attention
-on torch's fused kernels, gradient checkpointing, and train.py + sample.py end to end on the GPU.
-Skipped where torch sees no GPU (CI has none); run on a GPU machine with `pytest tests/test_cuda.py`."""
+"""The CUDA path: the UNet on a GPU against the CPU, bf16 autocast against float32, every
+attention on torch's fused kernels, gradient checkpointing, and train.py + sample.py end to end
+on the GPU. Skipped where torch sees no GPU (CI has none); on a GPU machine run
+`pytest tests/test_cuda.py`."""
 
 import dataclasses
 
