@@ -34,6 +34,11 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def cuda_inputs():
+    """Two 4-frame 32x32 clips, their timesteps and context, on the GPU."""
+    return (a.cuda() for a in inputs(B=2, F=4, H=32, W=32, config=GPU_LIKE))
+
+
 def gpu_like_model(config=GPU_LIKE):
     model = make_model(config)
     perturb(model.parameters(), scale=0.02)  # off the zero-initialised output head
@@ -52,7 +57,7 @@ def test_unet_on_cuda_matches_the_cpu_in_float32(F, use_temporal):
 
 def test_bf16_autocast_on_cuda_stays_close_to_float32():
     model = gpu_like_model().cuda()
-    x, t, context = (a.cuda() for a in inputs(B=2, F=4, H=32, W=32, config=GPU_LIKE))
+    x, t, context = cuda_inputs()
     with torch.no_grad():
         fp32 = model(x, t, context)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -67,7 +72,7 @@ def test_every_attention_runs_on_a_fused_kernel(precision, backend):
     """With only one fused SDPA kernel allowed, torch raises if any attention call (spatial
     self- and cross-attention, temporal attention) cannot use it: this proves they all can."""
     model = gpu_like_model().cuda()
-    x, t, context = (a.cuda() for a in inputs(B=2, F=4, H=32, W=32, config=GPU_LIKE))
+    x, t, context = cuda_inputs()
     with sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16,
                                                 enabled=precision == "bf16"):
         model(x, t, context).float().square().mean().backward()
@@ -79,7 +84,7 @@ def test_gradient_checkpointing_on_cuda_gives_the_same_gradients():
     for use_checkpoint in (False, True):
         model = gpu_like_model(dataclasses.replace(GPU_LIKE, use_checkpoint=use_checkpoint))
         model = model.cuda()
-        x, t, context = (a.cuda() for a in inputs(B=2, F=4, H=32, W=32, config=GPU_LIKE))
+        x, t, context = cuda_inputs()
         model(x, t, context).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert relative_error(grads[1], grads[0]) < 1e-5
