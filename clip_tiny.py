@@ -434,8 +434,20 @@ class CLIP(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = self.config = config
+        vision_heads = max(1, c.vision_width // 64)
+        problems = [f"{name} {width} is not a multiple of its {heads} heads" for name, width, heads
+                    in (("transformer_width", c.transformer_width, c.transformer_heads),
+                        ("vision_width", c.vision_width, vision_heads)) if width % heads]
+        if c.context_length < 2:
+            problems.append(f"context_length {c.context_length} leaves no room for the start "
+                            f"and end tokens")
+        if c.image_resolution < c.vision_patch_size:
+            problems.append(f"image_resolution {c.image_resolution} is below vision_patch_size "
+                            f"{c.vision_patch_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
-                                        c.vision_layers, max(1, c.vision_width // 64), c.embed_dim,
+                                        c.vision_layers, vision_heads, c.embed_dim,
                                         c.quick_gelu)
         self.transformer = Transformer(c.transformer_width, c.transformer_layers,
                                        c.transformer_heads, c.quick_gelu)

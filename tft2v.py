@@ -46,16 +46,29 @@ from data import conditions as spatial_conditions
 
 
 def pick_device(name):
+    """"auto" (CUDA when there is one, else the CPU), or a torch device name ("cpu", "cuda",
+    "cuda:N"); ValueError for a name torch does not know or a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but there are only "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def pick_precision(name, device):
     """bf16 autocast where it is faster: CUDA with bf16, or a CPU with bf16 matrix instructions
     (avx512_bf16 / amx_bf16; measured ~3x faster than fp32 on such a CPU, see bench.py)."""
-    if name != "auto":
+    if name in ("fp32", "bf16"):
         return name
+    if name != "auto":
+        raise ValueError(f"unknown precision {name!r}: auto, fp32 or bf16")
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     try:

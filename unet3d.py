@@ -64,6 +64,11 @@ class UNetConfig:
     dropout: float = 0.0  # in ResBlocks and temporal conv blocks
     use_checkpoint: bool = False  # gradient checkpointing per block: less memory, ~30% more time
 
+    def size_multiple(self):
+        """Frame height and width must be multiples of this: the patch side times one halving
+        per level below the first."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
+
 
 PRESETS = {
     # CPU toy/bench model: widths (32, 64, 64) at 32x32, 16x16, 8x8.
@@ -230,6 +235,9 @@ class TemporalConvBlock(nn.Module):
 
     def __init__(self, dim, config):
         super().__init__()
+        if config.temporal_conv_layers < 1:
+            raise ValueError(f"temporal_conv_layers must be at least 1, got "
+                             f"{config.temporal_conv_layers}")
         layers = []
         for i in range(config.temporal_conv_layers):
             layers += [nn.GroupNorm(config.num_groups, dim), nn.SiLU()]
@@ -393,7 +401,11 @@ class UNet3D(nn.Module):
         use_temporal=False no temporal module runs, so every frame is denoised independently as
         an image. H and W must be divisible by patch_size * 2^(levels - 1).
         Returns (B, out_channels, F, H, W)."""
-        B, _, Fr = x.shape[:3]
+        B, _, Fr, H, W = x.shape
+        m = self.config.size_multiple()
+        if H % m or W % m:
+            raise ValueError(f"frame size {H}x{W} is not a multiple of {m} (patch_size "
+                             f"{self.config.patch_size}, {len(self.config.channel_mult)} levels)")
         context = context.to(x.dtype)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         emb = emb.repeat_interleave(Fr, dim=0)  # (B*F, E): each frame carries its video's t

@@ -199,6 +199,17 @@ def test_state_dict_has_openai_vit_keys_and_shapes(name):
         assert sum(math.prod(s) for _, s in ours) == 151_277_313
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("transformer_width", 30, "transformer_width 30 is not a multiple of its 4 heads"),
+    ("context_length", 1, "no room for the start and end tokens"),
+    ("image_resolution", 4, "below vision_patch_size"),
+])
+def test_impossible_config_is_a_one_line_error(field, value, message):
+    config = dataclasses.replace(clip_tiny.PRESETS["tiny"], **{field: value})
+    with pytest.raises(ValueError, match=message):
+        CLIP(config)
+
+
 def test_from_state_dict_recovers_the_config():
     model = CLIP(SMALL)
     again = CLIP.from_state_dict(model.state_dict(), transformer_heads=SMALL.transformer_heads)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import clip_tiny
+import tft2v
 import unet3d
 from tft2v import TFT2V, TFT2VConfig
 
@@ -174,3 +175,19 @@ def test_null_text_setting_picks_zeros_or_the_empty_prompt_embedding():
     expected = empty.clip.text_tokens(empty.tokenizer(["", ""], L))
     assert torch.allclose(calls[0][0][:, :L], expected, atol=1e-6)
     assert expected.abs().sum() > 0
+
+
+def test_device_and_precision_names_are_checked():
+    assert tft2v.pick_device("cpu") == torch.device("cpu")
+    assert tft2v.pick_precision("fp32", torch.device("cpu")) == "fp32"
+    assert tft2v.pick_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        tft2v.pick_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown device"):
+        tft2v.pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            tft2v.pick_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="only"):
+            tft2v.pick_device(f"cuda:{torch.cuda.device_count()}")

@@ -46,6 +46,15 @@ def test_output_shape_matches_input_for_images_videos_and_non_square_frames(F, H
     assert out.shape == (2, SMALL.out_channels, F, H, W)
 
 
+def test_frame_size_not_a_multiple_of_the_downsampling_is_a_clear_error():
+    model = make_model(dataclasses.replace(SMALL, patch_size=2))
+    m = model.config.size_multiple()
+    assert m == 2 * 2 ** (len(SMALL.channel_mult) - 1)
+    x, t, context = inputs(B=1, F=2, H=m, W=m + 2)
+    with pytest.raises(ValueError, match=f"not a multiple of {m}"):
+        model(x, t, context)
+
+
 @pytest.mark.parametrize("F, H, W", [(1, 16, 16), (8, 16, 16), (4, 16, 24)])
 def test_patched_model_keeps_the_pixel_shape_and_runs_its_levels_at_half_resolution(F, H, W):
     config = dataclasses.replace(SMALL, patch_size=2)
