@@ -683,7 +683,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where faster) | fp32 | bf16")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where it is faster")
     p.add_argument("--out", default="", help="output stem (default: next to the checkpoint); "
                                              "with --ablate, the folder of all runs")
     p.add_argument("--probe", action="store_true",
@@ -709,9 +710,10 @@ def main(argv=None):
     if args.ckpt is None and not (args.ablate or args.compose):
         p.error("give a checkpoint, --ablate or --compose")
     args.suite = args.suite or ("directions" if args.ablate else "full")
-    args.seeds = args.seeds or (1 if args.ablate or args.compose else 2)
-    if args.seeds <= 0 or args.steps <= 0 or args.train_seeds <= 0:
-        sys.exit("error: --seeds, --steps and --train_seeds must be positive")
+    if args.seeds is None:
+        args.seeds = 1 if args.ablate or args.compose else 2
+    if min(args.seeds, args.steps, args.batch, args.train_seeds) <= 0:
+        sys.exit("error: --seeds, --steps, --batch and --train_seeds must be positive")
     args.train_flags = shlex.split(args.train_flags)
     if args.ablate:
         args.out = args.out or "runs/ablation"
@@ -723,6 +725,9 @@ def main(argv=None):
         device = tft2v.pick_device(args.device)
         tft2v.keep_freed_memory()
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
+        if not args.compose:  # where the scores go: before minutes of generating them
+            stem = output_stem(args, "probe" if args.probe else f"eval_{args.suite}")
+            video.check_writable(os.path.dirname(os.path.abspath(stem)))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.compose:

@@ -47,16 +47,18 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=1, help="videos per prompt (seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     p.add_argument("--size", type=int, default=None, help="default: the training resolution")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default 50); DDPM always takes all T (1000) steps")
     p.add_argument("--guidance", type=float, default=9.0)
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where faster) | fp32 | bf16")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where it is faster")
     p.add_argument("--out", default="samples/video.gif", help=".gif, .mp4 or .png")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=8, help="frames per second of a .gif or .mp4")
     return p.parse_args(argv)
 
 
@@ -111,10 +113,16 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     try:
-        if args.steps <= 0:
-            raise ValueError(f"--steps must be positive, got {args.steps}")
-        if args.num <= 0:
-            raise ValueError(f"--num must be positive, got {args.num}")
+        if args.sampler == "ddpm" and args.steps is not None:
+            raise ValueError("--steps is for ddim: ddpm takes all T steps (for a few-step "
+                             "sampler with fresh noise every step, use ddim with --eta 1)")
+        args.steps = 50 if args.steps is None else args.steps
+        for name in ("steps", "num", "fps", "frames", "size"):
+            value = getattr(args, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        if args.eta < 0:
+            raise ValueError(f"--eta must be at least 0, got {args.eta}")
         prompts = list(args.prompt)
         if args.prompts_file:
             with open(args.prompts_file) as f:
@@ -122,21 +130,17 @@ def main(argv=None):
         if not prompts and not args.image and not args.condition:
             raise ValueError("give --prompt, --prompts-file, --image or --condition")
         output_paths(args.out, 1)  # checks the extension before any work
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create output folder {out_dir}: {e.strerror}")
-        if not os.access(out_dir, os.W_OK):
-            raise ValueError(f"output folder {out_dir} is not writable")
+        video.check_writable(os.path.dirname(os.path.abspath(args.out)))
         device = tft2v.pick_device(args.device)
         precision = tft2v.pick_precision(args.precision, device)
         tft2v.keep_freed_memory()
         model, configs = tft2v.load_checkpoint(args.ckpt, use_ema=not args.raw, device=device)
         frames = args.frames or configs["shapes"]["frames"]
         size = args.size or configs["shapes"]["resolution"]
-        if frames <= 0 or size <= 0:
-            raise ValueError("--frames and --size must be positive")
+        multiple = model.unet_config.size_multiple()
+        if size % multiple:
+            raise ValueError(f"--size must be a multiple of {multiple} for this checkpoint's "
+                             f"UNet, got {size}")
         images = [load_image(p, size) for p in args.image]
         maps = maps_from_specs(args.condition, model, frames, size)
         if maps is not None and not prompts and not images:

@@ -186,6 +186,45 @@ def parse_args(argv=None):
     return configs
 
 
+def check_configs(configs):
+    """Settings that cannot run raise ValueError with a one-line reason, before any work."""
+    cfg, s = configs["train"], configs["shapes"]
+    for name in ("steps", "clip_batch", "image_batch", "video_batch", "ckpt_every", "keep_last",
+                 "log_every", "preview_every", "lr", "clip_lr", "grad_clip"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("clip_steps", "warmup", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise ValueError(f"--ema_decay must be in [0, 1], got {cfg.ema_decay}")
+    names = branch_names(cfg)
+    unknown = sorted(set(names) - {"content", "motion", "paired"})
+    if not names or unknown:
+        raise ValueError(f"--branches takes content, motion and paired, got {cfg.branches!r}")
+    if cfg.branch_mode not in ("cycle", "random", "rank"):
+        raise ValueError(f"--branch_mode must be cycle, random or rank, got {cfg.branch_mode!r}")
+    if {"motion", "paired"} & set(names) and s.frames < 2:
+        raise ValueError(f"the motion branches need clips of 2 or more frames, got "
+                         f"--shapes.frames {s.frames}")
+    tft2v.pick_precision(cfg.precision, tft2v.pick_device(cfg.device))
+    multiple = configs["unet"].size_multiple()
+    if s.resolution <= 0 or s.resolution % multiple:
+        raise ValueError(f"--shapes.resolution must be a multiple of {multiple} (--unet.patch_size"
+                         f" times 2 per level below the first), got {s.resolution}")
+    # the models' own checks (GroupNorm groups, patch sizes, ...), built on the meta device:
+    # no memory, no time (a CLIP from --clip_ckpt brings its own settings)
+    for section, build in (("unet", unet3d.UNet3D), ("clip", clip_tiny.CLIP)):
+        if section == "clip" and cfg.clip_ckpt:
+            continue
+        try:
+            with torch.device("meta"):
+                build(configs[section])
+        except (ValueError, RuntimeError, IndexError, ZeroDivisionError, AssertionError) as e:
+            raise ValueError(f"the --{section}.* settings do not make a model: "
+                             f"{str(e).splitlines()[0]}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -241,9 +280,14 @@ def datasets(cfg, shapes_cfg):
     return out
 
 
+def branch_names(cfg):
+    """--branches "content,content,motion" -> ["content", "content", "motion"]."""
+    return [b.strip() for b in cfg.branches.split(",") if b.strip()]
+
+
 def branch_at(cfg, step, rank):
     """Which branch trains at this step (on this rank)."""
-    names = [b.strip() for b in cfg.branches.split(",") if b.strip()]
+    names = branch_names(cfg)
     if cfg.branch_mode == "cycle":
         return names[step % len(names)]
     if cfg.branch_mode == "random":  # a pure function of (seed, step), so resuming is exact
@@ -339,13 +383,16 @@ def check_same_model(saved, configs, path):
 # Stage 1: CLIP
 
 
-def clip_stage(cfg, configs, device):
+def clip_stage(cfg, configs, data, device):
+    """data: the image-text pairs (the content branch's dataset), None when there are none."""
     if cfg.clip_ckpt:
         if not os.path.exists(cfg.clip_ckpt):
             sys.exit(f"error: no CLIP checkpoint at {cfg.clip_ckpt}")
         clip, tok = clip_tiny.load_clip(cfg.clip_ckpt, merges=cfg.clip_merges or None)
         return clip.to(device), tok
-    data = datasets(cfg, configs["shapes"])["content"]
+    if data is None:
+        sys.exit("error: training a CLIP needs image-text pairs (--images_dir), or give one "
+                 "with --clip_ckpt")
     clip, tok = clip_tiny.train_clip(data, configs["clip"], steps=cfg.clip_steps,
                                      batch_size=cfg.clip_batch, lr=cfg.clip_lr, device=device,
                                      seed=cfg.seed)
@@ -410,11 +457,21 @@ def train(configs):
     """Runs both stages; returns (model, path of the last checkpoint)."""
     cfg = configs["train"]
     t_start = time.time()
+    try:  # bad settings, data folders and run folders fail here, in one line, before any work
+        check_configs(configs)
+        data = datasets(cfg, configs["shapes"])
+        missing = set(branch_names(cfg)) - set(data)
+        if missing:
+            raise ValueError(f"branch(es) {', '.join(sorted(missing))} need data that was not "
+                             f"given (content: --images_dir, motion: --videos_dir, paired: "
+                             f"--videos_captions)")
+        video.check_writable(cfg.out, "run folder (--out)")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     rank, world, device = setup_distributed(tft2v.pick_device(cfg.device))
     precision = tft2v.pick_precision(cfg.precision, device)
     tft2v.keep_freed_memory()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    os.makedirs(cfg.out, exist_ok=True)
     existing = tft2v.checkpoints(cfg.out)
     if existing and not cfg.resume:
         sys.exit(f"error: {cfg.out} already holds checkpoints; pass --resume to continue, "
@@ -430,7 +487,7 @@ def train(configs):
     if resume is not None:
         model = tft2v.model_from_checkpoint(resume)
     else:
-        clip, tok = clip_stage(cfg, configs, device)
+        clip, tok = clip_stage(cfg, configs, data.get("content"), device)
         configs["clip"] = clip.config
         configs["unet"].context_dim = clip.config.transformer_width
         model = tft2v.TFT2V(clip, tok, configs["unet"], configs["tft2v"], configs["diffusion"])
@@ -446,11 +503,7 @@ def train(configs):
     params = model.trainable_parameters()
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    data = datasets(cfg, configs["shapes"])
-    wanted = {b.strip() for b in cfg.branches.split(",") if b.strip()}
-    missing = wanted - set(data)
-    if missing:
-        sys.exit(f"error: branch(es) {', '.join(sorted(missing))} need data that was not given")
+    wanted = set(branch_names(cfg))
     batch = {"content": cfg.image_batch, "motion": cfg.video_batch, "paired": cfg.video_batch}
     streams = {b: BatchStream(data[b], batch[b], cfg.seed * 10 + rank * 1000 + i)
                for i, b in enumerate(sorted(wanted))}

@@ -14,6 +14,7 @@ Tensor legend: B batch, F frames, H W height width. Tensors are channel-first, (
 import importlib.util
 import math
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -105,6 +106,17 @@ def _tile(tiles, rows, cols):
         r, c = divmod(i, cols)
         out[r * (h + GAP): r * (h + GAP) + h, c * (w + GAP): c * (w + GAP) + w] = tiles[i]
     return out
+
+
+def check_writable(folder, what="output folder"):
+    """Create `folder` if needed and make sure files can be written in it, before any long work
+    whose results would go there; ValueError with a one-line reason if not. (A test file rather
+    than os.access, which says yes to root everywhere.)"""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"cannot write to the {what} {folder}: {e.strerror}")
 
 
 def write_video(path, video, fps=8, scale=None):

@@ -3,6 +3,7 @@ gloo, a checkpoint driving sample.py, and clear errors on bad input."""
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -131,6 +132,31 @@ def test_command_line_values_are_type_checked(capsys):
     assert "expected a Python tuple" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad,message", [
+    (["--steps", "-1"], "--steps must be positive"),
+    (["--video_batch", "0"], "--video_batch must be positive"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in"),
+    (["--branches", "content,videos"], "--branches takes content, motion and paired"),
+    (["--branch_mode", "sometimes"], "--branch_mode must be"),
+    (["--precision", "fp16"], "unknown precision"),
+    (["--device", "tpu"], "unknown device"),
+    (["--shapes.resolution", "18"], "must be a multiple of 4"),
+    (["--shapes.frames", "1"], "2 or more frames"),
+    (["--unet.num_groups", "5"], "--unet.* settings do not make a model: num_channels"),
+    (["--clip.transformer_width", "30"], "--clip.* settings do not make a model"),
+    (["--images_dir", "/nonexistent"], "no captions file"),
+    (["--videos_dir", "/nonexistent"], "no such folder"),
+    (["--out", "/proc/forbidden"], "cannot write to the run folder"),
+])
+def test_bad_settings_stop_with_one_line_before_any_work(tmp_path, monkeypatch, bad, message):
+    """Each fails in check_configs or on its folders, before the CLIP stage starts."""
+    monkeypatch.setattr(train.clip_tiny, "train_clip", lambda *a, **k: pytest.fail("trained"))
+    opts = TINY + ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}") as e:
+        train.train(train.parse_args(opts + bad))
+    assert "\n" not in str(e.value)
+
+
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="non-finite loss"):
         run(tmp_path, "--steps", "3", "--lr", "1e30", "--grad_clip", "1e30")
@@ -187,7 +213,13 @@ def test_sample_py_run_folder_and_image_conditioning(checkpoint, tmp_path):
     (["--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint"),
     (["--steps", "-1"], "--steps must be positive"),
     (["--out", "/proc/forbidden/x.gif"], "output folder"),
+    (["--out", "/proc/x.gif"], "cannot write to the output folder /proc"),
     (["--out", "x.avi"], "must end in"),
+    (["--frames", "0"], "--frames must be positive"),
+    (["--size", "10"], "--size must be a multiple of 4"),
+    (["--fps", "0"], "--fps must be positive"),
+    (["--eta", "-0.5"], "--eta must be at least 0"),
+    (["--sampler", "ddpm"], "--steps is for ddim"),
 ])
 def test_sample_py_bad_input_gives_one_line_error(checkpoint, tmp_path, bad, message):
     opts = {"--ckpt": checkpoint, "--prompt": "a red circle", "--steps": "2",
@@ -208,6 +240,15 @@ def test_eval_py_probe_reads_a_train_py_checkpoint_and_writes_both_tables(checkp
     assert saved["floor_at_T"]["own caption"] < saved["floor_at_T"]["no direction"]
     assert saved["losses"] == losses and len(losses["own caption"]) == 5
     assert {k: tuple(v) for k, v in saved["travel"].items()} == travel
+
+
+def test_eval_py_bad_input_stops_before_generating(checkpoint, monkeypatch):
+    import eval as evaluation
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(SystemExit, match="must be positive"):
+        evaluation.main([checkpoint, "--seeds", "0"])
+    with pytest.raises(SystemExit, match="cannot write to the output folder /proc/forbidden"):
+        evaluation.main([checkpoint, "--out", "/proc/forbidden/scores"])
 
 
 def test_sample_py_rejects_a_foreign_checkpoint(checkpoint, tmp_path):
