@@ -32,7 +32,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -441,6 +443,32 @@ def write_samples(model, ema, prompts, configs, folder, precision, steps=20, see
     return paths
 
 
+class CtrlC:
+    """Ctrl-C in the diffusion stage: the first lets the current step finish, then the loop writes
+    a checkpoint at that step and stops, so `--resume` continues exactly from it; a second one
+    stops at once. Only in a single process (under DDP a checkpoint is a collective every rank
+    must reach) and in the main thread (where Python runs signal handlers)."""
+
+    def __init__(self, active):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step, with a checkpoint (again: stop now)")
+
+
 def setup_distributed(device):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -532,38 +560,44 @@ def train(configs):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0,
                desc=f"diffusion ({precision})", dynamic_ncols=True)
     last_ckpt, running, t_log = (existing[-1] if existing else None), {}, time.time()
-    for step in bar:
-        branch = branch_at(cfg, step, rank)
-        x, captions = streams[branch].next()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        with amp:
-            loss, parts = net(branch, x.to(device), captions if branch != "motion" else None)
-        if not torch.isfinite(loss):
-            sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} on the {branch} "
-                     f"branch; the last good checkpoint is {last_ckpt}. Try a lower --lr or "
-                     f"--precision fp32, then --resume.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        ema_update(ema_tensors, params, cfg.ema_decay)
-        running.update(parts)
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            rate = cfg.log_every / max(time.time() - t_log, 1e-9)
-            t_log = time.time()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"it/s": f"{rate:.1f}"})
-            log.write(json.dumps({"step": done, "lr": lr_at(cfg, step), **running}) + "\n")
-            log.flush()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            ranks = rank_state(streams)  # a collective: every rank takes part
-            if rank == 0:
-                last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done,
-                                            seconds_before + time.time() - t_start)
-        if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
-            write_samples(model, ema, prompts, configs,
-                          os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)
+    with CtrlC(active=world == 1) as ctrl_c:
+        for step in bar:
+            branch = branch_at(cfg, step, rank)
+            x, captions = streams[branch].next()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            with amp:
+                loss, parts = net(branch, x.to(device), captions if branch != "motion" else None)
+            if not torch.isfinite(loss):
+                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} on the {branch} "
+                         f"branch; the last good checkpoint is {last_ckpt}. Try a lower --lr or "
+                         f"--precision fp32, then --resume.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema_update(ema_tensors, params, cfg.ema_decay)
+            running.update(parts)
+            done = step + 1
+            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+                rate = cfg.log_every / max(time.time() - t_log, 1e-9)
+                t_log = time.time()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}
+                                | {"it/s": f"{rate:.1f}"})
+                log.write(json.dumps({"step": done, "lr": lr_at(cfg, step), **running}) + "\n")
+                log.flush()
+            stop = ctrl_c.requested
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
+                ranks = rank_state(streams)  # a collective: every rank takes part
+                if rank == 0:
+                    last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done,
+                                                seconds_before + time.time() - t_start)
+            if stop:
+                bar.close()
+                sys.exit(f"interrupted: {last_ckpt} holds step {done}; continue with --resume")
+            if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
+                write_samples(model, ema, prompts, configs,
+                              os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)
     bar.close()
     if rank == 0 and prompts and start < cfg.steps:
         paths = write_samples(model, ema, prompts, configs, os.path.join(cfg.out, "samples"),

@@ -4,6 +4,7 @@ gloo, a checkpoint driving sample.py, and clear errors on bad input."""
 import json
 import os
 import re
+import signal
 import socket
 import time
 
@@ -59,6 +60,27 @@ def test_resume_n_plus_n_equals_2n(tmp_path):
     ema_full = torch.load(tmp_path / "full" / "ckpt_0000004.pt", weights_only=False)["ema"]
     ema_split = torch.load(ckpt, weights_only=False)["ema"]
     assert all(torch.allclose(ema_full[k], ema_split[k], atol=1e-6) for k in ema_full)
+
+
+def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly(tmp_path,
+                                                                            monkeypatch):
+    full, _ = run(tmp_path, "--steps", "5", "--ckpt_every", "100", name="full")
+    lr_at, fired = train.lr_at, []
+
+    def lr_at_with_ctrl_c(cfg, step):  # Ctrl-C arrives in the middle of step 2 (the third)
+        if step == 2 and not fired:
+            fired.append(step)
+            signal.raise_signal(signal.SIGINT)
+        return lr_at(cfg, step)
+
+    monkeypatch.setattr(train, "lr_at", lr_at_with_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit, match="ckpt_0000003.pt holds step 3; continue with --resume"):
+        run(tmp_path, "--steps", "5", "--ckpt_every", "100", name="split")
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    resumed, _ = run(tmp_path, "--steps", "5", "--ckpt_every", "100", "--resume", name="split")
+    a, b = trainable_state(full), trainable_state(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
 def test_ema_update_is_a_lerp_towards_the_weights():
