@@ -166,6 +166,7 @@ def test_command_line_values_are_type_checked(capsys):
     (["--shapes.frames", "1"], "2 or more frames"),
     (["--unet.num_groups", "5"], "--unet.* settings do not make a model: num_channels"),
     (["--clip.transformer_width", "30"], "--clip.* settings do not make a model"),
+    (["--unet.context_maps", "-1"], "context_maps must be 0 or more"),
     (["--images_dir", "/nonexistent"], "no captions file"),
     (["--videos_dir", "/nonexistent"], "no such folder"),
     (["--out", "/proc/forbidden"], "cannot write to the run folder"),

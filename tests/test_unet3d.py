@@ -188,6 +188,42 @@ def test_timestep_and_context_each_change_the_output():
 
 
 @torch.no_grad()
+def test_context_maps_feed_the_mean_context_token_as_constant_input_channels():
+    config = dataclasses.replace(SMALL, context_maps=3)
+    model = make_model(config).eval()
+    x, t, context = inputs(F=4, config=config)
+    seen = []
+    model.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model(x, t, context)
+    extra = seen[0][:, -3:]  # (B*F, 3, H, W): the channels after x's
+    expected = model.context_maps(context.mean(1))  # (B, 3)
+    for b in range(2):
+        for f in range(4):
+            want = expected[b][:, None, None].expand(3, 8, 8)
+            torch.testing.assert_close(extra[b * 4 + f], want)
+    assert torch.equal(seen[0][:, :3], unet3d.video_to_frames(x))  # x itself comes first
+    # the maps alone carry the context: with every cross-attention's value zeroed, the
+    # context still changes the output, and it stops doing so without the maps
+    perturb(model.parameters())
+    for module in model.modules():
+        if isinstance(module, Attention) and module.to_k.in_features == config.context_dim:
+            module.to_v.weight.zero_()
+    assert not torch.allclose(model(x, t, context + 1.0), model(x, t, context), atol=1e-4)
+    model.context_maps.weight.zero_()
+    torch.testing.assert_close(model(x, t, context + 1.0), model(x, t, context))
+
+
+def test_context_maps_are_spatial_parameters_and_images_train_them():
+    model = make_model(dataclasses.replace(SMALL, context_maps=2))
+    assert {id(p) for p in model.context_maps.parameters()} <= {
+        id(p) for p in model.spatial_parameters()}
+    perturb(model.parameters())  # off the zero-initialised head, so gradients reach the input
+    x, t, context = inputs(F=1, config=model.config)
+    model(x, t, context, use_temporal=False).square().mean().backward()
+    assert model.context_maps.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
 def test_long_and_float_timesteps_agree():
     model = make_model().eval()
     perturb(model.parameters())
