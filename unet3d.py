@@ -43,7 +43,7 @@ condition is multiplied with pixel position from the first layer on.
 
 Tensor legend: B batch, C channels, F frames, H W height width, L context tokens,
 D context width, E timestep-embedding width, N a batch of sequences, S sequence length,
-K condition maps.
+K condition maps (or context maps).
 """
 
 import math
