@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on a tiny Shapes run: branch mixes, exact resume, DDP with
 gloo, a checkpoint driving sample.py, and clear errors on bad input."""
 
+import faulthandler
 import json
 import os
 import re
@@ -189,6 +190,7 @@ def _ddp_worker(rank, port, tmp, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(120, exit=True)  # a hung rank prints where and fails
     model, _ = train.train(train.parse_args(TINY + [
         "--out", tmp, "--steps", "3", "--branches", "content,motion", "--branch_mode", "rank"]))
     torch.save(trainable_state(model), os.path.join(result, f"rank{rank}.pt"))
