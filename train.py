@@ -626,7 +626,12 @@ def set_backend_flags():
 
 def main(argv=None):
     set_backend_flags()
-    train(parse_args(argv))
+    configs = parse_args(argv)
+    try:
+        train(configs)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the diffusion stage
+        sys.exit(f"interrupted: stopped at once; --resume continues from the last checkpoint "
+                 f"in {configs['train'].out}, if any")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,24 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly(tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, monkeypatch):
+    lr_at = train.lr_at
+
+    def lr_at_with_two_ctrl_c(cfg, step):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)  # the first asks for a checkpoint after the step
+            signal.raise_signal(signal.SIGINT)  # the second stops before the step ends
+        return lr_at(cfg, step)
+
+    monkeypatch.setattr(train, "lr_at", lr_at_with_two_ctrl_c)
+    monkeypatch.setattr(train, "set_backend_flags", lambda: None)  # process-wide flags
+    with pytest.raises(SystemExit, match="^interrupted: stopped at once") as e:
+        train.main(TINY + ["--out", str(tmp_path / "run"), "--steps", "3", "--ckpt_every", "1"])
+    assert "\n" not in str(e.value)
+    assert [os.path.basename(p) for p in train.tft2v.checkpoints(tmp_path / "run")] == [
+        "ckpt_0000001.pt"]  # the step-1 checkpoint stays; none for the interrupted step
+
+
 def test_ema_update_is_a_lerp_towards_the_weights():
     ema, weights = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
     train.ema_update(ema, weights, 0.9)
