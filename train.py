@@ -568,10 +568,14 @@ def train(configs):
                 group["lr"] = lr_at(cfg, step)
             with amp:
                 loss, parts = net(branch, x.to(device), captions if branch != "motion" else None)
-            if not torch.isfinite(loss):
-                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} on the {branch} "
-                         f"branch; the last good checkpoint is {last_ckpt}. Try a lower --lr or "
-                         f"--precision fp32, then --resume.")
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # all ranks stop together: one alone would leave the others waiting
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # in DDP's next gradient reduce
+            if not finite:
+                where = (f"({loss.item()}) at step {step} on the {branch} branch"
+                         if not torch.isfinite(loss) else f"on another process at step {step}")
+                sys.exit(f"error: non-finite loss {where}; the last good checkpoint is "
+                         f"{last_ckpt}. Try a lower --lr or --precision fp32, then --resume.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -225,6 +225,39 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
     assert start["step"] == 3 and len(start["ranks"]) == 2
 
 
+def _ddp_nan_worker(rank, port, tmp, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting fails the test
+    if rank == 1:  # the motion rank's loss turns NaN at its second step
+        calls, motion_loss = [], train.tft2v.TFT2V.motion_loss
+
+        def nan_on_second_call(self, *args, **kwargs):
+            calls.append(1)
+            loss, parts = motion_loss(self, *args, **kwargs)
+            return (loss * float("nan") if len(calls) == 2 else loss), parts
+        train.tft2v.TFT2V.motion_loss = nan_on_second_call
+    try:
+        train.train(train.parse_args(TINY + [
+            "--out", tmp, "--steps", "4", "--branches", "content,motion", "--branch_mode", "rank"]))
+        message = "finished"
+    except SystemExit as e:
+        message = str(e)
+    with open(os.path.join(result, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_nan_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert r1.startswith("error: non-finite loss (nan) at step 1 on the motion branch")
+    assert r0.startswith("error: non-finite loss on another process at step 1")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
