@@ -574,6 +574,9 @@ def train(configs):
             if not finite:
                 where = (f"({loss.item()}) at step {step} on the {branch} branch"
                          if not torch.isfinite(loss) else f"on another process at step {step}")
+                if world > 1:  # every rank is here: close the group as at the end (below)
+                    del net
+                    dist.destroy_process_group()
                 sys.exit(f"error: non-finite loss {where}; the last good checkpoint is "
                          f"{last_ckpt}. Try a lower --lr or --precision fp32, then --resume.")
             opt.zero_grad(set_to_none=True)
