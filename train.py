@@ -577,8 +577,10 @@ def train(configs):
                 if world > 1:  # every rank is here: close the group as at the end (below)
                     del net
                     dist.destroy_process_group()
-                sys.exit(f"error: non-finite loss {where}; the last good checkpoint is "
-                         f"{last_ckpt}. Try a lower --lr or --precision fp32, then --resume.")
+                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else \
+                    "no checkpoint was written yet"
+                sys.exit(f"error: non-finite loss {where}; {kept}. Try a lower --lr or "
+                         f"--precision fp32, then --resume.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
