@@ -568,12 +568,13 @@ def train(configs):
                 group["lr"] = lr_at(cfg, step)
             with amp:
                 loss, parts = net(branch, x.to(device), captions if branch != "motion" else None)
-            finite = torch.isfinite(loss.detach()).float()
+            own = torch.isfinite(loss.detach())
+            finite = own.float()
             if world > 1:  # all ranks stop together: one alone would leave the others waiting
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # in DDP's next gradient reduce
             if not finite:
                 where = (f"({loss.item()}) at step {step} on the {branch} branch"
-                         if not torch.isfinite(loss) else f"on another process at step {step}")
+                         if not own else f"on another process at step {step}")
                 if world > 1:  # every rank is here: close the group as at the end (below)
                     del net
                     dist.destroy_process_group()

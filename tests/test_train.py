@@ -204,21 +204,32 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         run(tmp_path, "--steps", "3", "--lr", "1e30", "--grad_clip", "1e30")
 
 
-def _ddp_worker(rank, port, tmp, result):
+def _join_two_process_group(rank, port, timeout):
+    """A spawned worker's set-up: rank `rank` of 2 on localhost, one thread; a rank still running
+    after `timeout` s (e.g. waiting on a peer) prints where it is and exits, failing the test."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    faulthandler.dump_traceback_later(120, exit=True)  # a hung rank prints where and fails
+    faulthandler.dump_traceback_later(timeout, exit=True)
+
+
+def _spawn_two(worker, tmp_path):
+    """Run worker(rank, port, run folder, tmp_path) in 2 processes on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+
+
+def _ddp_worker(rank, port, tmp, result):
+    _join_two_process_group(rank, port, timeout=120)
     model, _ = train.train(train.parse_args(TINY + [
         "--out", tmp, "--steps", "3", "--branches", "content,motion", "--branch_mode", "rank"]))
     torch.save(trainable_state(model), os.path.join(result, f"rank{rank}.pt"))
 
 
 def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    _spawn_two(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
@@ -226,10 +237,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
 
 
 def _ddp_nan_worker(rank, port, tmp, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                      RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting fails the test
+    _join_two_process_group(rank, port, timeout=60)  # a rank left waiting fails the test
     if rank == 1:  # the motion rank's loss turns NaN at its second step
         calls, motion_loss = [], train.tft2v.TFT2V.motion_loss
 
@@ -249,10 +257,7 @@ def _ddp_nan_worker(rank, port, tmp, result):
 
 
 def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_nan_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    _spawn_two(_ddp_nan_worker, tmp_path)
     r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     assert r1.startswith("error: non-finite loss (nan) at step 1 on the motion branch")
     assert r0.startswith("error: non-finite loss on another process at step 1")
