@@ -34,7 +34,7 @@ mixes frames with a temporal transformer; here one zero-initialised convolution 
 
 Context maps (`context_maps` K > 0; an option, off in every preset, not in the paper): the mean
 context token, through one linear layer, enters as K input channels, constant over each frame and
-over the frames. Measured in a scratch test (README, "Why the direction fails"): given a direction
+over the frames. Measured in a scratch test (docs/experiments.md, section 4): given a direction
 code as its context, the `quick` UNet learnt direction-dependent mean clips at t = T through these
 maps within 600 steps, and not at all through the cross-attention, which read the same code, in
 1,500. Our reading, not measured: the cross-attention adds one vector to every pixel deep in the
