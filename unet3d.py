@@ -25,6 +25,8 @@ Zero initialisation (improved-diffusion's `zero_module`): the last layer of ever
 is zero, so an untrained temporal stack is the identity and the video model starts as the image
 model applied to each frame; the output head, each ResBlock's second convolution and each spatial
 transformer's output projection are zero too, as in the official (Stable Diffusion) UNet.
+`spatial_proj_zero=False` starts the spatial transformers' output projections at torch's default
+initialisation instead (not in the paper; docs/experiments.md, section 4, has why and what it did).
 
 Spatial conditions (TF-T2V's compositional synthesis, VideoComposer's STC-encoder in miniature):
 with `condition_channels` K > 0, per-frame condition maps (B, K, F, H, W) pass a small condition
@@ -72,6 +74,8 @@ class UNetConfig:
     condition_channels: int = 0  # K per-frame condition maps (compositional synthesis); 0 = none
     condition_dim: int = 16  # width of the condition encoder's features, concatenated to x
     context_maps: int = 0  # >0: this many constant input channels from the mean context token
+    spatial_proj_zero: bool = True  # spatial transformers' proj_out starts at zero (official);
+    # False: torch's default initialisation (not in the paper; see the module docstring)
     dropout: float = 0.0  # in ResBlocks and temporal conv blocks
     use_checkpoint: bool = False  # gradient checkpointing per block: less memory, ~30% more time
 
@@ -218,7 +222,9 @@ class SpatialTransformer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, config.head_dim, config.context_dim)
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
-        self.proj_out = zero_module(nn.Linear(dim, dim))
+        self.proj_out = nn.Linear(dim, dim)
+        if config.spatial_proj_zero:
+            zero_module(self.proj_out)
 
     def forward(self, h, context):  # h (B*F, C, H, W), context (B, L, D)
         BF, C, H, W = h.shape

@@ -188,6 +188,23 @@ def test_timestep_and_context_each_change_the_output():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("zero", [True, False])
+def test_spatial_proj_zero_decides_whether_the_context_reaches_an_untrained_model(zero):
+    # Official: each spatial transformer's proj_out starts at zero, so at initialisation the
+    # cross-attention (the only way in for the context here) adds nothing. The option
+    # spatial_proj_zero=False starts it at torch's default initialisation instead.
+    model = make_model(dataclasses.replace(SMALL, spatial_proj_zero=zero)).eval()
+    projections = [m.proj_out for m in model.modules()
+                   if isinstance(m, unet3d.SpatialTransformer)]
+    assert projections
+    assert all(bool((p.weight == 0).all()) == zero for p in projections)
+    perturb(model.out.parameters())  # move only the zero output head, so outputs are not 0
+    x, t, context = inputs()
+    moved = not torch.allclose(model(x, t, context + 1.0), model(x, t, context), atol=1e-5)
+    assert moved != zero
+
+
+@torch.no_grad()
 def test_context_maps_feed_the_mean_context_token_as_constant_input_channels():
     config = dataclasses.replace(SMALL, context_maps=3)
     model = make_model(config).eval()
