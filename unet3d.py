@@ -40,9 +40,10 @@ over the frames. Measured in a scratch test (docs/experiments.md, section 4): gi
 code as its context, the `quick` UNet learnt direction-dependent mean clips at t = T through these
 maps within 600 steps, and not at all through the cross-attention, which read the same code, in
 1,500. With the spatial transformers' zero-initialised `proj_out` at torch's default
-initialisation instead, the cross-attention alone learnt it by step 700-900 (two seeds), which
-points at that zero layer as what delays it (a lead, not settled: every preset keeps the official
-zero initialisation).
+initialisation instead (`spatial_proj_zero=False`), the cross-attention alone learnt it by step
+700-900 (two seeds), which points at that zero layer as what delays it there; in `toy` with the
+real captions that option did not get the direction learnt (18.2%, chance 25%), so every preset
+keeps the official zero initialisation.
 
 Tensor legend: B batch, C channels, F frames, H W height width, L context tokens,
 D context width, E timestep-embedding width, N a batch of sequences, S sequence length,
