@@ -63,6 +63,9 @@ class TrainConfig:
     clip_lr: float = 1e-3
     # stage 2: diffusion
     steps: int = 1000
+    # minutes for the whole run, CLIP stage and samples included (0: no limit): at the end of the
+    # warm-up, --steps shrinks to what the measured speed fits in them (never grows)
+    time_budget: float = 0.0
     image_batch: int = 32  # content-branch batch (images)
     video_batch: int = 8  # motion-branch batch (clips)
     branches: str = "content,motion"  # a fixed cycle over these names (repeat to weight)
@@ -95,11 +98,13 @@ def presets():
     """Named presets: every config for a run. `quick` is the README's main job on a CPU."""
     quick = dict(
         # under 10 minutes on a 2-core CPU with bf16 instructions: CLIP ~40 s, 5400 diffusion
-        # steps ~8 min, samples. The lower lr and slower EMA are what let the extra steps pay: at
-        # lr 2e-3 and EMA 0.995, 6000 steps drew no better shapes than 3000 (docs/experiments.md)
-        train=TrainConfig(steps=5400, image_batch=32, video_batch=4, lr=1e-3, warmup=200,
-                          ema_decay=0.999, branches="content,content,motion", clip_steps=600,
-                          ckpt_every=900, preview_every=900, preview_prompts=DEMO_PROMPTS),
+        # steps ~8 min, samples; on slower CPUs the 9-minute budget cuts the steps. The lower lr
+        # and slower EMA are what let the extra steps pay: at lr 2e-3 and EMA 0.995, 6000 steps
+        # drew no better shapes than 3000 (docs/experiments.md)
+        train=TrainConfig(steps=5400, time_budget=9.0, image_batch=32, video_batch=4, lr=1e-3,
+                          warmup=200, ema_decay=0.999, branches="content,content,motion",
+                          clip_steps=600, ckpt_every=900, preview_every=900,
+                          preview_prompts=DEMO_PROMPTS),
         shapes=shapes.ShapesConfig(),
         clip=copy.deepcopy(clip_tiny.PRESETS["tiny"]),
         # the tiny UNet on 2x2 patches (16x16 tokens, a stand-in for the paper's VAE latent) with
@@ -114,7 +119,7 @@ def presets():
     )
     toy = copy.deepcopy(quick)
     toy["train"] = dataclasses.replace(
-        quick["train"], out="runs/toy", steps=9000,
+        quick["train"], out="runs/toy", steps=9000, time_budget=0.0,
         branches="content,content,motion,paired", clip_steps=1200, ckpt_every=1500, keep_last=6,
         preview_every=1500,
         preview_prompts="a big red circle moving right;a small blue square moving up")
@@ -132,7 +137,7 @@ def presets():
     # (2,100 steps, 32 GroupNorm groups, lr 2e-3, EMA 0.995: the `quick` of the README's
     # compose figures)
     compose["train"] = dataclasses.replace(quick["train"], out="runs/compose", steps=2100,
-                                           lr=2e-3, warmup=100, ema_decay=0.995,
+                                           time_budget=0.0, lr=2e-3, warmup=100, ema_decay=0.995,
                                            ckpt_every=800, preview_every=800)
     compose["tft2v"] = dataclasses.replace(quick["tft2v"], conditions="silhouette,sketch")
     compose["unet"] = dataclasses.replace(quick["unet"], condition_channels=2, num_groups=32)
@@ -200,7 +205,7 @@ def check_configs(configs):
                  "log_every", "preview_every", "lr", "clip_lr", "grad_clip"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("clip_steps", "warmup", "weight_decay"):
+    for name in ("clip_steps", "warmup", "weight_decay", "time_budget"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay <= 1:
@@ -347,9 +352,10 @@ def load_rank_state(state, streams):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def save_checkpoint(cfg, configs, model, ema, opt, ranks, step, seconds):
+def save_checkpoint(cfg, configs, model, ema, opt, ranks, step, seconds, fitted=False):
     """`seconds`: wall time the run took to reach this step, summed over its invocations
-    (--resume adds to the time stored in the checkpoint it continues)."""
+    (--resume adds to the time stored in the checkpoint it continues). `fitted`: --time_budget
+    has fixed cfg.steps (--resume keeps that count)."""
     state = {
         "format": tft2v.CHECKPOINT_FORMAT,
         "configs": {k: asdict(v) for k, v in configs.items()},
@@ -360,6 +366,7 @@ def save_checkpoint(cfg, configs, model, ema, opt, ranks, step, seconds):
         "step": step,
         "ranks": ranks,
         "seconds": seconds,
+        "fitted_steps": cfg.steps if fitted else None,
     }
     path = os.path.join(cfg.out, f"ckpt_{step:07d}.pt")
     save_atomic(state, path)
@@ -429,8 +436,35 @@ def ema_update(ema_tensors, params, decay):
     torch._foreach_lerp_(ema_tensors, params, 1 - decay)
 
 
+PREVIEW_STEPS, FINAL_STEPS, FINAL_SEEDS = 20, 50, (0, 1)  # DDIM steps and seeds of the samples
+
+
+def fit_steps(cfg, step, elapsed, step_seconds, sample_seconds):
+    """--time_budget: the step count that ends the run within cfg.time_budget minutes, given
+    `elapsed` seconds so far, `step_seconds` per training step and `sample_seconds` per denoising
+    step of the preview prompts (0 without previews). Previews and the final samples are counted;
+    3% of the time left is kept spare. Never more than cfg.steps, never less than step + 1."""
+    previews = PREVIEW_STEPS * sample_seconds / cfg.preview_every  # per training step
+    left = cfg.time_budget * 60 - elapsed - FINAL_STEPS * len(FINAL_SEEDS) * sample_seconds
+    more = int(0.97 * left / (step_seconds + previews)) if left > 0 else 0
+    return max(step + 1, min(cfg.steps, step + more))
+
+
+def sample_step_seconds(model, prompts, configs, precision):
+    """Wall time of one guided denoising step on the preview prompts (a 3-step DDIM sample)."""
+    s = configs["shapes"]
+    model.eval()
+    t = time.time()
+    model.generate(prompts, frames=s.frames, size=s.resolution, steps=3, precision=precision)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    model.train()
+    return (time.time() - t) / 3
+
+
 @torch.no_grad()
-def write_samples(model, ema, prompts, configs, folder, precision, steps=20, seeds=(0,)):
+def write_samples(model, ema, prompts, configs, folder, precision, steps=PREVIEW_STEPS,
+                  seeds=(0,)):
     """Generate `prompts` with the EMA weights; one GIF per prompt and a PNG filmstrip."""
     live = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema}
     model.load_state_dict(ema, strict=False)
@@ -542,7 +576,7 @@ def train(configs):
                for i, b in enumerate(sorted(wanted))}
     torch.manual_seed(cfg.seed * 7919 + rank)  # from here on each rank draws its own noise
     random.seed(cfg.seed * 7919 + rank)
-    start, seconds_before = 0, 0.0
+    start, seconds_before, fitted = 0, 0.0, False
     if resume is not None:
         if len(resume["ranks"]) != world:
             sys.exit(f"error: {existing[-1]} was written by {len(resume['ranks'])} process(es); "
@@ -552,6 +586,11 @@ def train(configs):
         load_rank_state(resume["ranks"][rank], streams)
         start = resume["step"]
         seconds_before = resume.get("seconds", 0.0)  # checkpoints before this field: 0
+        if cfg.time_budget and resume.get("fitted_steps"):
+            if cfg.steps != resume["fitted_steps"]:
+                print(f"--time_budget: keeping the {resume['fitted_steps']} steps it fixed "
+                      f"(pass --time_budget 0 to train to --steps {cfg.steps})")
+            cfg.steps, fitted = resume["fitted_steps"], True
         del resume
     ema_tensors = [ema[n] for n, p in model.named_parameters() if p.requires_grad]  # as params
     net = model
@@ -565,8 +604,25 @@ def train(configs):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0,
                desc=f"diffusion ({precision})", dynamic_ncols=True)
     last_ckpt, running, t_log = (existing[-1] if existing else None), {}, time.time()
+    # --time_budget: time steps start+10 .. fit_at, then fix cfg.steps (before the cosine starts)
+    fit_at = max(cfg.warmup, start + 30) if cfg.time_budget and not fitted else None
     with CtrlC(active=world == 1) as ctrl_c:
         for step in bar:
+            if step == start + 10:
+                t_fit = time.time()
+            if step == fit_at:
+                step_s = (time.time() - t_fit) / (fit_at - start - 10)
+                sample_s = sample_step_seconds(model, prompts, configs, precision) if (
+                    rank == 0 and prompts) else 0.0
+                steps = torch.tensor([fit_steps(cfg, step, seconds_before + time.time() - t_start,
+                                                step_s, sample_s)], device=device)
+                if world > 1:  # rank 0's count for all
+                    dist.broadcast(steps, 0)
+                if rank == 0:
+                    tqdm.write(f"time budget {cfg.time_budget:g} min: {int(steps)} of "
+                               f"{cfg.steps} steps fit ({1 / step_s:.1f} steps/s)")
+                cfg.steps, fitted, bar.total = int(steps), True, int(steps)
+                bar.refresh()
             branch = branch_at(cfg, step, rank)
             x, captions = streams[branch].next()
             for group in opt.param_groups:
@@ -606,17 +662,19 @@ def train(configs):
                 ranks = rank_state(streams)  # a collective: every rank takes part
                 if rank == 0:
                     last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done,
-                                                seconds_before + time.time() - t_start)
+                                                seconds_before + time.time() - t_start, fitted)
             if stop:
                 bar.close()
                 sys.exit(f"interrupted: {last_ckpt} holds step {done}; continue with --resume")
             if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
                 write_samples(model, ema, prompts, configs,
                               os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)
+            if done == cfg.steps:  # --time_budget may have shortened the run
+                break
     bar.close()
     if rank == 0 and prompts and start < cfg.steps:
         paths = write_samples(model, ema, prompts, configs, os.path.join(cfg.out, "samples"),
-                              precision, steps=50, seeds=(0, 1))
+                              precision, steps=FINAL_STEPS, seeds=FINAL_SEEDS)
         print("wrote:\n  " + "\n  ".join(paths))
     if rank == 0:
         print(f"checkpoint: {last_ckpt}\ntotal time: {time.time() - t_start:.0f} s")

@@ -140,6 +140,36 @@ def test_checkpoint_seconds_add_up_over_resumes(tmp_path):
     assert 1000 < torch.load(resumed, weights_only=False)["seconds"] <= 1000 + elapsed
 
 
+def test_fit_steps_fills_the_budget_with_steps_previews_and_samples_and_only_shrinks():
+    cfg = train.TrainConfig(steps=10_000, time_budget=1.0, preview_every=100)
+    for sample_s in (0.0, 0.05):
+        n = train.fit_steps(cfg, 30, 10.0, 0.1, sample_s)  # 50 s left at 0.1 s a step
+
+        def seconds(steps):  # what the rest of the run takes with `steps` more steps
+            previews = steps // cfg.preview_every * train.PREVIEW_STEPS * sample_s
+            final = train.FINAL_STEPS * len(train.FINAL_SEEDS) * sample_s
+            return steps * 0.1 + previews + final
+        assert 0.95 * 50 <= seconds(n - 30) <= 50
+    assert train.fit_steps(cfg, 30, 10.0, 0.1, 0.05) < train.fit_steps(cfg, 30, 10.0, 0.1, 0.0)
+    assert train.fit_steps(cfg, 30, 1.0, 0.001, 0.0) == 10_000  # it all fits: unchanged
+    assert train.fit_steps(cfg, 30, 70.0, 0.1, 0.0) == 31  # already spent: this step, then stop
+
+
+def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path):
+    # TINY warms up for 2 steps, so the budget times steps 10-30 and decides at step 30
+    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--ckpt_every", "100")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 31
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 31
+    _, again = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--resume")
+    assert again == ckpt  # nothing left to train
+    _, longer = run(tmp_path, "--steps", "33", "--time_budget", "0", "--resume")
+    assert longer.endswith("ckpt_0000033.pt")
+    _, wide = run(tmp_path, "--steps", "40", "--time_budget", "100", name="wide")
+    state = torch.load(wide, weights_only=False)
+    assert state["step"] == state["fitted_steps"] == 40  # it fits: unchanged
+
+
 def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
     run(tmp_path, "--steps", "1")
     with pytest.raises(SystemExit, match="--resume"):
@@ -177,6 +207,7 @@ def test_command_line_values_are_type_checked(capsys):
     (["--steps", "-1"], "--steps must be positive"),
     (["--video_batch", "0"], "--video_batch must be positive"),
     (["--ema_decay", "1.5"], "--ema_decay must be in"),
+    (["--time_budget", "-1"], "--time_budget must be at least 0"),
     (["--branches", "content,videos"], "--branches takes content, motion and paired"),
     (["--branch_mode", "sometimes"], "--branch_mode must be"),
     (["--precision", "fp16"], "unknown precision"),
@@ -234,6 +265,20 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
     assert start["step"] == 3 and len(start["ranks"]) == 2
+
+
+def _ddp_budget_worker(rank, port, tmp, result):
+    _join_two_process_group(rank, port, timeout=120)
+    if rank == 1:  # were rank 1 to keep its own count, the ranks would part at step 31
+        train.fit_steps = lambda *args: 40
+    train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "50", "--time_budget", "1e-6",
+                                         "--ckpt_every", "100"]))
+
+
+def test_under_ddp_every_rank_takes_rank_0s_time_budget_steps(tmp_path):
+    _spawn_two(_ddp_budget_worker, tmp_path)
+    assert [os.path.basename(p) for p in train.tft2v.checkpoints(tmp_path / "run")] == [
+        "ckpt_0000031.pt"]
 
 
 def _ddp_nan_worker(rank, port, tmp, result):
