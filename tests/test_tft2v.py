@@ -69,6 +69,26 @@ def test_content_branch_with_dropout_never_gives_both():
         assert not torch.any(text_on & image_on)
 
 
+def test_content_branch_runs_clip_only_on_the_rows_it_uses():
+    model = make_model(p_drop_each=0.2, p_drop_all=0.1)
+    calls = record_contexts(model)
+    rows = {"text": [], "image": []}
+    encode, embed = model.encode_text, model.embed_image
+    model.encode_text = lambda captions: rows["text"].append(len(captions)) or encode(captions)
+    model.embed_image = lambda images: rows["image"].append(len(images)) or embed(images)
+    images = torch.rand(16, 3, 1, 16, 16) * 2 - 1
+    captions = [CAPTIONS[i % 3] for i in range(16)]
+    torch.manual_seed(1)
+    model.content_loss(images, captions)
+    (ctx, _), = calls
+    text_on, image_on = slots(model, ctx)
+    assert 0 < text_on.sum() < 16 and 0 < image_on.sum() < 16
+    assert rows == {"text": [int(text_on.sum())], "image": [int(image_on.sum())]}
+    # the same context as running CLIP on every row and masking
+    torch.testing.assert_close(
+        ctx, model.context(encode(captions), embed(images[:, :, 0]), text_on, image_on))
+
+
 def test_content_branch_backward_leaves_every_temporal_grad_none():
     model = make_model()
     loss, _ = model.content_loss(torch.rand(4, 3, 1, 16, 16) * 2 - 1, CAPTIONS)
