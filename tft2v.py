@@ -478,9 +478,10 @@ class TFT2V(nn.Module):
         B = images.shape[0]
         text_on = torch.rand(B, device=images.device) < self.config.p_text_in_content
         text_on, image_on = self.condition_dropout(text_on, ~text_on)
-        # the frozen CLIP runs only on the rows whose condition is on (context() zeroes the
-        # others): on all rows, its two towers took ~10% of a `quick` content step
-        text, emb = self.null_text(B), images.new_zeros(B, self.clip.config.embed_dim)
+        # the frozen CLIP runs only on the rows whose condition is on (context() puts the absent
+        # condition in the others): on all rows, its two towers took ~10% of a `quick` content step
+        text = images.new_zeros(B, self.clip.config.context_length, self.unet_config.context_dim)
+        emb = images.new_zeros(B, self.clip.config.embed_dim)
         if text_on.any():
             text[text_on] = self.encode_text([c for c, o in zip(captions, text_on.tolist()) if o])
         if image_on.any():
