@@ -605,6 +605,9 @@ def train(configs):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0,
                desc=f"diffusion ({precision})", dynamic_ncols=True)
     last_ckpt, running, t_log = (existing[-1] if existing else None), {}, time.time()
+    def elapsed():  # the run's wall time so far, over all its invocations
+        return seconds_before + time.time() - t_start
+
     # --time_budget: time steps start+10 .. fit_at, then fix cfg.steps (before the cosine starts)
     fit_at = max(cfg.warmup, start + 30) if cfg.time_budget and not fitted else None
     with CtrlC(active=world == 1) as ctrl_c:
@@ -615,8 +618,8 @@ def train(configs):
                 step_s = (time.time() - t_fit) / (fit_at - start - 10)
                 sample_s = sample_step_seconds(model, prompts, configs, precision) if (
                     rank == 0 and prompts) else 0.0
-                steps = torch.tensor([fit_steps(cfg, step, seconds_before + time.time() - t_start,
-                                                step_s, sample_s)], device=device)
+                steps = torch.tensor([fit_steps(cfg, step, elapsed(), step_s, sample_s)],
+                                     device=device)
                 if world > 1:  # rank 0's count for all
                     dist.broadcast(steps, 0)
                 if rank == 0:
@@ -663,7 +666,7 @@ def train(configs):
                 ranks = rank_state(streams)  # a collective: every rank takes part
                 if rank == 0:
                     last_ckpt = save_checkpoint(cfg, configs, model, ema, opt, ranks, done,
-                                                seconds_before + time.time() - t_start, fitted)
+                                                elapsed(), fitted)
             if stop:
                 bar.close()
                 sys.exit(f"interrupted: {last_ckpt} holds step {done}; continue with --resume")
