@@ -22,7 +22,8 @@ Writes a JSON file and a markdown table next to the checkpoint (or to --out).
 The paper's ablations in miniature (`ablate`): train the `toy` preset (or any) with each variant
 and several seeds, score every run on the directions suite, write one table of mean and spread:
 
-    python eval.py --ablate all --preset toy --train_seeds 2 --out runs/ablation
+    python eval.py --ablate all --preset toy --train_seeds 2 --out runs/ablation \
+        --train_flags "--steps 9000 --time_budget 0"   # the README's table: 9,000 steps a run
 
 Compositional synthesis (`compose`): train a model whose content branch sees silhouette and
 sketch maps with its images while its motion branch sees text-free videos without any (TF-T2V's
