@@ -155,19 +155,54 @@ def test_fit_steps_fills_the_budget_with_steps_previews_and_samples_and_only_shr
     assert train.fit_steps(cfg, 30, 70.0, 0.1, 0.0) == 31  # already spent: this step, then stop
 
 
-def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path):
+def test_budget_ema_decay_keeps_the_averages_share_of_the_run():
+    assert train.budget_ema_decay(0.999, 5400, 5400) == 0.999  # not cut: unchanged
+    assert train.budget_ema_decay(0.999, 5400, 2700) == pytest.approx(0.998)  # half: 2x shorter
+    assert train.budget_ema_decay(0.999, 5400, 2) == 0.0  # shorter than the window: raw weights
+    assert train.budget_ema_decay(0.0, 5400, 100) == 0.0
+
+
+def record_ema_decays(monkeypatch):
+    """The decay of every EMA update train.py makes from here on, in order."""
+    decays, ema_update = [], train.ema_update
+
+    def recording(ema_tensors, params, decay):
+        decays.append(decay)
+        ema_update(ema_tensors, params, decay)
+    monkeypatch.setattr(train, "ema_update", recording)
+    return decays
+
+
+def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path, monkeypatch):
+    decays = record_ema_decays(monkeypatch)
     # TINY warms up for 2 steps, so the budget times steps 10-30 and decides at step 30
     _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--ckpt_every", "100")
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 31
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 31
+    cut = train.budget_ema_decay(0.999, 60, 31)  # the EMA shrinks with the run: 0.99806
+    assert decays == [0.999] * 30 + [cut] and state["configs"]["train"]["ema_decay"] == cut
     _, again = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--resume")
     assert again == ckpt  # nothing left to train
+    decays.clear()
     _, longer = run(tmp_path, "--steps", "33", "--time_budget", "0", "--resume")
     assert longer.endswith("ckpt_0000033.pt")
+    assert decays == [0.999, 0.999]  # no budget: the configured decay
     _, wide = run(tmp_path, "--steps", "40", "--time_budget", "100", name="wide")
     state = torch.load(wide, weights_only=False)
     assert state["step"] == state["fitted_steps"] == 40  # it fits: unchanged
+    assert state["configs"]["train"]["ema_decay"] == 0.999
+
+
+def test_resuming_a_budget_cut_run_keeps_its_ema_decay(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "fit_steps", lambda *args: 40)  # the budget cuts 60 steps to 40
+    decays = record_ema_decays(monkeypatch)
+    run(tmp_path, "--steps", "60", "--time_budget", "1", "--ckpt_every", "35")
+    decays.clear()
+    os.remove(tmp_path / "run" / "ckpt_0000040.pt")  # resume from step 35, after the cut
+    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1", "--resume")
+    assert ckpt.endswith("ckpt_0000040.pt")
+    assert decays == [train.budget_ema_decay(0.999, 60, 40)] * 5
 
 
 def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
