@@ -64,7 +64,8 @@ class TrainConfig:
     # stage 2: diffusion
     steps: int = 1000
     # minutes for the whole run, CLIP stage and samples included (0: no limit): at the end of the
-    # warm-up, --steps shrinks to what the measured speed fits in them (never grows)
+    # warm-up, --steps shrinks to what the measured speed fits in them (never grows), and the EMA
+    # with it (budget_ema_decay)
     time_budget: float = 0.0
     image_batch: int = 32  # content-branch batch (images)
     video_batch: int = 8  # motion-branch batch (clips)
@@ -447,6 +448,8 @@ def budget_ema_decay(decay, planned, fitted):
     et al. 2024, likewise sizes the EMA relative to the training time). `quick` cut to 2,171 of its
     5,400 steps on a slower CPU drew the prompted shape in 6% of the demo videos with its EMA 0.999
     (a window of ~1,000 steps, half the run) and in 41% with 0.9975 (docs/experiments.md)."""
+    if fitted >= planned:
+        return decay  # not cut: exactly the configured decay
     return max(0.0, 1 - (1 - decay) * planned / fitted)
 
 

@@ -156,7 +156,8 @@ def test_fit_steps_fills_the_budget_with_steps_previews_and_samples_and_only_shr
 
 
 def test_budget_ema_decay_keeps_the_averages_share_of_the_run():
-    assert train.budget_ema_decay(0.999, 5400, 5400) == 0.999  # not cut: unchanged
+    for decay in (0.999, 0.3):  # not cut: exactly the configured decay (1 - (1 - 0.3) != 0.3)
+        assert train.budget_ema_decay(decay, 5400, 5400) == decay
     assert train.budget_ema_decay(0.999, 5400, 2700) == pytest.approx(0.998)  # half: 2x shorter
     assert train.budget_ema_decay(0.999, 5400, 2) == 0.0  # shorter than the window: raw weights
     assert train.budget_ema_decay(0.0, 5400, 100) == 0.0
