@@ -640,11 +640,11 @@ def train(configs):
                 if world > 1:  # rank 0's count for all
                     dist.broadcast(steps, 0)
                 decay = budget_ema_decay(cfg.ema_decay, cfg.steps, int(steps))
+                shorter = (f"; EMA decay {cfg.ema_decay:g} -> {decay:.5g}, the same share of "
+                           f"the run" if decay != cfg.ema_decay else "")
                 if rank == 0:
                     tqdm.write(f"time budget {cfg.time_budget:g} min: {int(steps)} of "
-                               f"{cfg.steps} steps fit ({1 / step_s:.1f} steps/s)" + (
-                                   f"; EMA decay {cfg.ema_decay:g} -> {decay:.5g}, the same "
-                                   f"share of the run" if decay != cfg.ema_decay else ""))
+                               f"{cfg.steps} steps fit ({1 / step_s:.1f} steps/s){shorter}")
                 cfg.steps, cfg.ema_decay, fitted = int(steps), decay, True
                 bar.total = cfg.steps
                 bar.refresh()
