@@ -454,17 +454,21 @@ def budget_ema_decay(decay, planned, fitted):
 
 
 PREVIEW_STEPS, FINAL_STEPS, FINAL_SEEDS = 20, 50, (0, 1)  # DDIM steps and seeds of the samples
+# --time_budget fits the steps again every this many steps, at the pace since its last fit: a
+# machine's speed drifts (a `quick` run here fitted 3,036 steps at the warm-up's 6.4 steps/s, then
+# ran at 5.5 and ended 54 s past its 9.5 minutes)
+REFIT_EVERY = 500
 
 
-def fit_steps(cfg, step, elapsed, step_seconds, sample_seconds):
+def fit_steps(cfg, step, elapsed, step_seconds, sample_seconds, most):
     """--time_budget: the step count that ends the run within cfg.time_budget minutes, given
     `elapsed` seconds so far, `step_seconds` per training step and `sample_seconds` per denoising
     step of the preview prompts (0 without previews). Previews and the final samples are counted;
-    3% of the time left is kept spare. Never more than cfg.steps, never less than step + 1."""
+    3% of the time left is kept spare. Never more than `most`, never less than step + 1."""
     previews = PREVIEW_STEPS * sample_seconds / cfg.preview_every  # per training step
     left = cfg.time_budget * 60 - elapsed - FINAL_STEPS * len(FINAL_SEEDS) * sample_seconds
     more = int(0.97 * left / (step_seconds + previews)) if left > 0 else 0
-    return max(step + 1, min(cfg.steps, step + more))
+    return max(step + 1, min(most, step + more))
 
 
 def sample_step_seconds(model, prompts, configs, precision):
@@ -626,26 +630,34 @@ def train(configs):
         return seconds_before + time.time() - t_start
 
     # --time_budget: time steps start+10 .. fit_at, then fix cfg.steps (before the cosine starts)
+    # and the EMA with it; every REFIT_EVERY steps, fit again at the pace since the last fit (the
+    # cosine follows the new count), never past the planned steps. A resumed run keeps its count.
     fit_at = max(cfg.warmup, start + 30) if cfg.time_budget and not fitted else None
+    planned, decay, paused = cfg.steps, cfg.ema_decay, 0.0
     with CtrlC(active=world == 1) as ctrl_c:
         for step in bar:
             if step == start + 10:
-                t_fit = time.time()
-            if step == fit_at:
-                step_s = (time.time() - t_fit) / (fit_at - start - 10)
-                sample_s = sample_step_seconds(model, prompts, configs, precision) if (
-                    rank == 0 and prompts) else 0.0
-                steps = torch.tensor([fit_steps(cfg, step, elapsed(), step_s, sample_s)],
-                                     device=device)
+                t_fit, fit_from, paused = time.time(), step, 0.0
+            if step == fit_at or (fitted and fit_at is not None and step % REFIT_EVERY == 0):
+                step_s = (time.time() - t_fit - paused) / (step - fit_from)  # previews apart
+                if step == fit_at:
+                    sample_s = sample_step_seconds(model, prompts, configs, precision) if (
+                        rank == 0 and prompts) else 0.0
+                steps = torch.tensor([fit_steps(cfg, step, elapsed(), step_s, sample_s,
+                                                planned)], device=device)
                 if world > 1:  # rank 0's count for all
                     dist.broadcast(steps, 0)
-                decay = budget_ema_decay(cfg.ema_decay, cfg.steps, int(steps))
-                shorter = (f"; EMA decay {cfg.ema_decay:g} -> {decay:.5g}, the same share of "
-                           f"the run" if decay != cfg.ema_decay else "")
-                if rank == 0:
-                    tqdm.write(f"time budget {cfg.time_budget:g} min: {int(steps)} of "
-                               f"{cfg.steps} steps fit ({1 / step_s:.1f} steps/s){shorter}")
-                cfg.steps, cfg.ema_decay, fitted = int(steps), decay, True
+                before, cfg.steps = cfg.steps, int(steps)
+                cfg.ema_decay = budget_ema_decay(decay, planned, cfg.steps)
+                shorter = (f"; EMA decay {decay:g} -> {cfg.ema_decay:.5g}, the same share of "
+                           f"the run" if cfg.ema_decay != decay else "")
+                if rank == 0 and not fitted:
+                    tqdm.write(f"time budget {cfg.time_budget:g} min: {cfg.steps} of "
+                               f"{planned} steps fit ({1 / step_s:.1f} steps/s){shorter}")
+                elif rank == 0 and cfg.steps != before:
+                    tqdm.write(f"time budget: {cfg.steps} steps, not {before} ({1 / step_s:.1f} "
+                               f"steps/s since step {fit_from}){shorter}")
+                t_fit, fit_from, paused, fitted = time.time(), step, 0.0, True
                 bar.total = cfg.steps
                 bar.refresh()
             branch = branch_at(cfg, step, rank)
@@ -692,8 +704,10 @@ def train(configs):
                 bar.close()
                 sys.exit(f"interrupted: {last_ckpt} holds step {done}; continue with --resume")
             if rank == 0 and done % cfg.preview_every == 0 and done != cfg.steps and prompts:
+                t_preview = time.time()
                 write_samples(model, ema, prompts, configs,
                               os.path.join(cfg.out, "previews", f"step_{done:07d}"), precision)
+                paused += time.time() - t_preview  # fit_steps counts the previews apart
             if done == cfg.steps:  # --time_budget may have shortened the run
                 break
     bar.close()

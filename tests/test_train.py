@@ -140,19 +140,21 @@ def test_checkpoint_seconds_add_up_over_resumes(tmp_path):
     assert 1000 < torch.load(resumed, weights_only=False)["seconds"] <= 1000 + elapsed
 
 
-def test_fit_steps_fills_the_budget_with_steps_previews_and_samples_and_only_shrinks():
+def test_fit_steps_fills_the_budget_with_steps_previews_and_samples():
     cfg = train.TrainConfig(steps=10_000, time_budget=1.0, preview_every=100)
     for sample_s in (0.0, 0.05):
-        n = train.fit_steps(cfg, 30, 10.0, 0.1, sample_s)  # 50 s left at 0.1 s a step
+        n = train.fit_steps(cfg, 30, 10.0, 0.1, sample_s, cfg.steps)  # 50 s left at 0.1 s a step
 
         def seconds(steps):  # what the rest of the run takes with `steps` more steps
             previews = steps // cfg.preview_every * train.PREVIEW_STEPS * sample_s
             final = train.FINAL_STEPS * len(train.FINAL_SEEDS) * sample_s
             return steps * 0.1 + previews + final
         assert 0.95 * 50 <= seconds(n - 30) <= 50
-    assert train.fit_steps(cfg, 30, 10.0, 0.1, 0.05) < train.fit_steps(cfg, 30, 10.0, 0.1, 0.0)
-    assert train.fit_steps(cfg, 30, 1.0, 0.001, 0.0) == 10_000  # it all fits: unchanged
-    assert train.fit_steps(cfg, 30, 70.0, 0.1, 0.0) == 31  # already spent: this step, then stop
+    assert train.fit_steps(cfg, 30, 10.0, 0.1, 0.05, 10_000) < train.fit_steps(
+        cfg, 30, 10.0, 0.1, 0.0, 10_000)
+    assert train.fit_steps(cfg, 30, 1.0, 0.001, 0.0, 10_000) == 10_000  # it all fits: unchanged
+    assert train.fit_steps(cfg, 30, 1.0, 0.001, 0.0, 400) == 400  # never past the planned steps
+    assert train.fit_steps(cfg, 30, 70.0, 0.1, 0.0, 10_000) == 31  # spent: this step, then stop
 
 
 def test_budget_ema_decay_keeps_the_averages_share_of_the_run():
@@ -193,6 +195,36 @@ def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_pat
     state = torch.load(wide, weights_only=False)
     assert state["step"] == state["fitted_steps"] == 40  # it fits: unchanged
     assert state["configs"]["train"]["ema_decay"] == 0.999
+
+
+def test_time_budget_fits_again_every_refit_every_steps_at_the_pace_since_its_last_fit(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "REFIT_EVERY", 10)
+    counts, calls = iter([45, 58, 52]), []  # fit at step 30, then at 40 (grows) and 50 (shrinks)
+
+    def fit_steps(cfg, step, elapsed, step_s, sample_s, most):
+        calls.append((step, step_s, most))
+        return next(counts)
+    monkeypatch.setattr(train, "fit_steps", fit_steps)
+    monkeypatch.setattr(train, "sample_step_seconds", lambda *args: 0.0)
+    lr_at = train.lr_at  # from step 30 on, every step takes 2 x 0.02 s longer (two lr_at calls)
+    monkeypatch.setattr(train, "lr_at", lambda cfg, step: (
+        time.sleep(0.02) if step >= 30 else None, lr_at(cfg, step))[1])
+    monkeypatch.setattr(train, "write_samples", lambda *args, **kwargs: (  # a 2-s preview
+        time.sleep(2.0) if "previews" in args[4] else None, [])[1])
+    decays = record_ema_decays(monkeypatch)
+    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1", "--ckpt_every", "100",
+                  "--preview_every", "35", "--preview_prompts", "a red circle")
+    assert [(step, most) for step, _, most in calls] == [(30, 60), (40, 60), (50, 60)]
+    # the pace since the last fit, without the preview at step 35 (which would add 0.2 s a step)
+    assert 0.04 <= calls[1][1] < 0.2
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == state["fitted_steps"] == 52
+    d = [train.budget_ema_decay(0.999, 60, n) for n in (45, 58, 52)]
+    assert decays == [0.999] * 30 + [d[0]] * 10 + [d[1]] * 10 + [d[2]] * 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    cfg = train.TrainConfig(**state["configs"]["train"])
+    assert cfg.steps == 52 and log[-1]["lr"] == pytest.approx(lr_at(cfg, 51))  # its cosine's end
 
 
 def test_resuming_a_budget_cut_run_keeps_its_ema_decay(tmp_path, monkeypatch):
