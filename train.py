@@ -64,8 +64,8 @@ class TrainConfig:
     # stage 2: diffusion
     steps: int = 1000
     # minutes for the whole run, CLIP stage and samples included (0: no limit): at the end of the
-    # warm-up, --steps shrinks to what the measured speed fits in them (never grows), and the EMA
-    # with it (budget_ema_decay)
+    # warm-up, --steps shrinks to what the measured speed fits in them, and the EMA with it
+    # (budget_ema_decay); every REFIT_EVERY steps it is fitted again (never past --steps)
     time_budget: float = 0.0
     image_batch: int = 32  # content-branch batch (images)
     video_batch: int = 8  # motion-branch batch (clips)
