@@ -337,16 +337,18 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
 
 def _ddp_budget_worker(rank, port, tmp, result):
     _join_two_process_group(rank, port, timeout=120)
-    if rank == 1:  # were rank 1 to keep its own count, the ranks would part at step 31
-        train.fit_steps = lambda *args: 40
-    train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "50", "--time_budget", "1e-6",
+    train.REFIT_EVERY = 10  # a fit at step 30, a re-fit at 40
+    # rank 0 fits 45 steps, then 42; were rank 1 to keep its own 60, the ranks would part at 42
+    counts = iter([45, 42]) if rank == 0 else iter([60, 60])
+    train.fit_steps = lambda *args: next(counts)
+    train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "60", "--time_budget", "1",
                                          "--ckpt_every", "100"]))
 
 
 def test_under_ddp_every_rank_takes_rank_0s_time_budget_steps(tmp_path):
     _spawn_two(_ddp_budget_worker, tmp_path)
     assert [os.path.basename(p) for p in train.tft2v.checkpoints(tmp_path / "run")] == [
-        "ckpt_0000031.pt"]
+        "ckpt_0000042.pt"]
 
 
 def _ddp_nan_worker(rank, port, tmp, result):
