@@ -100,7 +100,7 @@ def presets():
     quick = dict(
         # under 10 minutes on a 2-core CPU with bf16 instructions: CLIP ~40 s, 5400 diffusion
         # steps ~8 min, samples; on slower CPUs the 9-minute budget cuts the steps (the install
-        # takes 26-43 s, and the README's command counts it). The lower lr and slower EMA are
+        # takes 21-43 s, and the README's command counts it). The lower lr and slower EMA are
         # what let the extra steps pay: at lr 2e-3 and EMA 0.995, 6000 steps drew no better
         # shapes than 3000 (docs/experiments.md)
         train=TrainConfig(steps=5400, time_budget=9.0, image_batch=32, video_batch=4, lr=1e-3,
