@@ -119,24 +119,25 @@ def presets():
         tft2v=tft2v.TFT2VConfig(p_text_in_content=0.8),
         diffusion=tft2v.DiffusionConfig(),
     )
-    # 20,000 steps: 46-50 min with the CLIP stage on a 2-core Zen 5 (bf16), shape 97.9% (9,000
-    # steps: 75-85%); on slower CPUs the 57-minute budget trains fewer steps to stay under the
-    # hour. The README's ablation trained 9,000 steps (its command pins them).
+    # quick's UNet, 20,000 steps and the paired branch: on a 2-core Emerald Rapids Xeon (fp32)
+    # 18,700-19,700 steps fit the 57-minute budget, shape 96.9% in two seeds. Until 2026-12-06
+    # it also attended at 16x16: 1.5x the step time, 20,000 steps in 50 min on a Zen 5 (bf16,
+    # shape 97.9%) but 11,630 on the Xeon (92.2%). The README's ablation trained that UNet for
+    # 9,000 steps (its command pins both).
     toy = copy.deepcopy(quick)
     toy["train"] = dataclasses.replace(
         quick["train"], out="runs/toy", steps=20000, time_budget=57.0,
         branches="content,content,motion,paired", clip_steps=1200, ckpt_every=2000, keep_last=5,
         preview_every=2500,
         preview_prompts="a big red circle moving right;a small blue square moving up")
-    # attention at 16x16 too
-    toy["unet"] = dataclasses.replace(quick["unet"], attention_levels=(0, 1))
     gpu = copy.deepcopy(toy)
     gpu["train"] = dataclasses.replace(
         toy["train"], out="runs/gpu", steps=20000, time_budget=0.0, image_batch=64, video_batch=16,
         clip_steps=2000)
     gpu["shapes"] = dataclasses.replace(quick["shapes"], resolution=64, frames=16)
     gpu["clip"] = dataclasses.replace(quick["clip"], image_resolution=64)
-    gpu["unet"] = dataclasses.replace(toy["unet"], model_channels=64)
+    # attention at the top level too (32x32 positions), as in the H100 figures of the README
+    gpu["unet"] = dataclasses.replace(toy["unet"], model_channels=64, attention_levels=(0, 1))
     # compositional synthesis (TF-T2V §4) in miniature: quick + silhouette and sketch maps on the
     # content branch's images only; `--tft2v.video_conditions true` is the paired control
     compose = copy.deepcopy(quick)
