@@ -595,12 +595,26 @@ def image_text_batch(data, indices):
     return videos[:, :, videos.shape[2] // 2], captions  # (B, 3, H, W): F = 1 for images
 
 
+def trail_image(videos):
+    """Clips (B, 3, F, H, W) in [-1, 1] -> one image each (B, 3, H, W): the maximum over frames,
+    frame f dimmed to (f + 1) / F, so the object fades in along its path and the image shows
+    where it went. On a black background (the Shapes world's) the last frame is drawn as is."""
+    F = videos.shape[2]
+    fade = torch.arange(1, F + 1, dtype=videos.dtype, device=videos.device).view(1, 1, F, 1, 1) / F
+    return ((videos + 1) / 2 * fade).amax(2) * 2 - 1
+
+
 def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3, device="cpu",
-               seed=0, tokenizer=None, precision="fp32", progress=True):
+               seed=0, tokenizer=None, precision="fp32", progress=True, videos=None):
     """Train a CLIP from scratch on an image-text dataset; returns (model in eval mode, tokenizer).
 
     `data`: items ((3, F, H, W) in [-1, 1], caption), e.g. ShapesDataset("images", config) or
-    ImageTextFolder. The tokenizer is learnt first (Tokenizer.train; for the Shapes world from
+    ImageTextFolder. `videos` (optional): captioned clips, e.g. ShapesDataset("paired"); they fill
+    half of each batch, each shown as its `trail_image`, so that the words only videos use
+    ("moving", "left", ...) are trained too. Without them those words' embeddings keep their
+    random initialisation, and in one `toy` seed of four "up" alone turned red objects magenta
+    (docs/experiments.md, section 3). Deviation: the paper's CLIP is pretrained on web text and
+    knows those words; a CLIP trained on the Shapes images alone would not. The tokenizer is learnt first (Tokenizer.train; for the Shapes world from
     every caption it writes, otherwise from the dataset's captions) unless one is given. Each
     step draws a random batch, uses the symmetric InfoNCE loss (CLIP Fig. 3) with soft targets
     over items that show the same thing (`caption_targets`; for Shapes captions, the same
@@ -612,7 +626,8 @@ def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3,
     generator = torch.Generator().manual_seed(seed)
     is_shapes = isinstance(data, shapes.ShapesDataset)
     if tokenizer is None:
-        texts = shapes_captions() if is_shapes else [data[i][1] for i in range(len(data))]
+        texts = shapes_captions() if is_shapes else [
+            d[i][1] for d in (data, videos or []) for i in range(len(d))]
         tokenizer = Tokenizer.train(texts, config.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only "
@@ -624,13 +639,19 @@ def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3,
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, steps // 20)
+    n_clips = batch_size // 2 if videos is not None else 0
     bar = tqdm(range(steps), desc="clip", disable=not progress)
     for step in bar:
         cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * min((step + 1) / warmup, cosine)
-        indices = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        indices = torch.randint(len(data), (batch_size - n_clips,), generator=generator).tolist()
         images, captions = image_text_batch(data, indices)
+        if n_clips:
+            clip_indices = torch.randint(len(videos), (n_clips,), generator=generator).tolist()
+            clips, clip_captions = fetch_batch(videos, clip_indices)
+            images = torch.cat([images, trail_image(clips)])
+            captions = list(captions) + list(clip_captions)
         images = preprocess(images, config.image_resolution).to(device)
         tokens = tokenizer(captions, config.context_length).to(device)
         targets = caption_targets(captions, shapes_key if is_shapes else None).to(device)

@@ -61,6 +61,9 @@ class TrainConfig:
     clip_steps: int = 1200
     clip_batch: int = 64
     clip_lr: float = 1e-3
+    # when the paired branch trains, its captioned clips (as trail images) fill half of each CLIP
+    # batch, so the words only videos use are trained too (clip_tiny.train_clip)
+    clip_trails: bool = True
     # stage 2: diffusion
     steps: int = 1000
     # minutes for the whole run, CLIP stage and samples included (0: no limit): at the end of the
@@ -405,18 +408,20 @@ def check_same_model(saved, configs, path):
 
 
 def clip_stage(cfg, configs, data, device):
-    """data: the image-text pairs (the content branch's dataset), None when there are none."""
+    """data: branch name -> dataset; the CLIP learns from the image-text pairs (the content
+    branch's) and, with --clip_trails, from the paired branch's captioned clips."""
     if cfg.clip_ckpt:
         if not os.path.exists(cfg.clip_ckpt):
             sys.exit(f"error: no CLIP checkpoint at {cfg.clip_ckpt}")
         clip, tok = clip_tiny.load_clip(cfg.clip_ckpt, merges=cfg.clip_merges or None)
         return clip.to(device), tok
-    if data is None:
+    if data.get("content") is None:
         sys.exit("error: training a CLIP needs image-text pairs (--images_dir), or give one "
                  "with --clip_ckpt")
-    clip, tok = clip_tiny.train_clip(data, configs["clip"], steps=cfg.clip_steps,
+    videos = data["paired"] if cfg.clip_trails and "paired" in branch_names(cfg) else None
+    clip, tok = clip_tiny.train_clip(data["content"], configs["clip"], steps=cfg.clip_steps,
                                      batch_size=cfg.clip_batch, lr=cfg.clip_lr, device=device,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, videos=videos)
     clip_tiny.save_clip(os.path.join(cfg.out, "clip.pt"), clip, tok)
     return clip, tok
 
@@ -576,7 +581,7 @@ def train(configs):
     if resume is not None:
         model = tft2v.model_from_checkpoint(resume)
     else:
-        clip, tok = clip_stage(cfg, configs, data.get("content"), device)
+        clip, tok = clip_stage(cfg, configs, data, device)
         configs["clip"] = clip.config
         configs["unet"].context_dim = clip.config.transformer_width
         model = tft2v.TFT2V(clip, tok, configs["unet"], configs["tft2v"], configs["diffusion"])

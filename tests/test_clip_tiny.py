@@ -346,6 +346,39 @@ def test_train_on_shapes_then_save_and_load_round_trip(tmp_path):
     assert set(scores) == {"accuracy", "accuracy_holdout", "matched_cosine", "unmatched_cosine"}
 
 
+def test_trail_image_fades_the_object_in_along_its_path():
+    clip = -torch.ones(1, 3, 4, 5, 5)  # black background
+    for f in range(4):
+        clip[0, :, f, 2, f] = 1.0  # a white pixel moving right, one column a frame
+    trail = clip_tiny.trail_image(clip)
+    assert trail.shape == (1, 3, 5, 5)
+    torch.testing.assert_close(trail[0, 0, 2, :4], torch.tensor([0.25, 0.5, 0.75, 1.0]) * 2 - 1)
+    trail[0, :, 2, :4] = -1.0
+    assert (trail == -1).all()  # the background stays black
+
+
+def test_train_clip_trains_the_video_words_only_with_videos():
+    """Without captioned clips a word only videos use ("moving", "up") gets no gradient: AdamW
+    only decays its embedding, which stays parallel to its initialisation."""
+    from data import shapes
+
+    cfg = shapes.ShapesConfig(n_images=16, n_paired=16)
+    config = dataclasses.replace(SMALL, vocab_size=1024)
+    images, clips = shapes.ShapesDataset("images", cfg), shapes.ShapesDataset("paired", cfg)
+    torch.manual_seed(0)
+    init = CLIP(config).token_embedding.weight.detach()  # what train_clip(seed=0) starts from
+    for videos, parallel in ((None, True), (clips, False)):
+        model, tok = clip_tiny.train_clip(images, config, steps=3, batch_size=8, progress=False,
+                                          videos=videos)
+        def unmoved(word):
+            i = tok.encode(word)[0]
+            return F.cosine_similarity(model.token_embedding.weight[i], init[i], 0) > 1 - 1e-6
+
+        assert not unmoved("red")  # names images in either run
+        assert unmoved("moving") == parallel
+        assert all(map(unmoved, shapes.DIRECTIONS)) == parallel  # the batches drew some of them
+
+
 def test_load_clip_reads_an_openai_format_state_dict(tmp_path):
     config = dataclasses.replace(SMALL, transformer_width=64, transformer_heads=1)
     model = CLIP(config)

@@ -298,6 +298,26 @@ def test_bad_settings_stop_with_one_line_before_any_work(tmp_path, monkeypatch, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("flags,trails", [(["--branches", "content,motion,paired"], True),
+                                          (["--branches", "content,motion"], False),
+                                          (["--branches", "content,paired", "--clip_trails",
+                                            "false"], False)])
+def test_the_clip_stage_sees_captioned_clips_when_the_paired_branch_trains(
+        tmp_path, monkeypatch, flags, trails):
+    seen = {}
+
+    def fake_train_clip(data, *args, videos=None, **kwargs):
+        seen["videos"] = videos
+        raise KeyboardInterrupt  # stop before the diffusion stage
+
+    monkeypatch.setattr(train.clip_tiny, "train_clip", fake_train_clip)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *flags)
+    assert (seen["videos"] is not None) == trails
+    if trails:
+        assert seen["videos"].kind == "paired"
+
+
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="^error: non-finite loss .*; no checkpoint was written"):
         run(tmp_path, "--steps", "3", "--lr", "1e30", "--grad_clip", "1e30")
