@@ -614,11 +614,12 @@ def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3,
     ("moving", "left", ...) are trained too. Without them those words' embeddings keep their
     random initialisation, and in one `toy` seed of four "up" alone turned red objects magenta
     (docs/experiments.md, section 3). Deviation: the paper's CLIP is pretrained on web text and
-    knows those words; a CLIP trained on the Shapes images alone would not. The tokenizer is learnt first (Tokenizer.train; for the Shapes world from
-    every caption it writes, otherwise from the dataset's captions) unless one is given. Each
+    knows those words; a CLIP trained on the Shapes images alone would not.
+    The tokenizer is learnt first (Tokenizer.train; for the Shapes world from every caption it
+    writes, otherwise from the dataset's captions and the clips') unless one is given. Each
     step draws a random batch, uses the symmetric InfoNCE loss (CLIP Fig. 3) with soft targets
     over items that show the same thing (`caption_targets`; for Shapes captions, the same
-    colour, shape and size in any phrasing), AdamW (CLIP §2.5 and Table 19: betas 0.9, 0.98,
+    colour, shape, size and direction in any phrasing), AdamW (CLIP §2.5 and Table 19: betas 0.9, 0.98,
     eps 1e-6, weight decay on matrices only, 0.1 here against CLIP's 0.2), warm-up, cosine.
     `precision`: "fp32" or "bf16" (autocast; on a 2-core CPU it was slower than fp32).
     """

@@ -1,8 +1,9 @@
 """train.py: the TF-T2V training program (TF-T2V §3, Fig. 2; setup of §4).
 
 Two stages:
-1. "clip": train the tiny CLIP on the image-text pairs (or load one: ours, or a real OpenAI-format
-   state dict with its merges file). It is frozen from then on.
+1. "clip": train the tiny CLIP on the image-text pairs, and on the paired branch's captioned clips
+   when that branch trains (--clip_trails), or load one: ours, or a real OpenAI-format state dict
+   with its merges file. It is frozen from then on.
 2. "diffusion": joint training of one UNet by the two branches. Every optimiser step takes one
    branch (TF-T2V §3.1):
       content  image-text pairs      text OR image condition   spatial layers only
@@ -62,7 +63,9 @@ class TrainConfig:
     clip_batch: int = 64
     clip_lr: float = 1e-3
     # when the paired branch trains, its captioned clips (as trail images) fill half of each CLIP
-    # batch, so the words only videos use are trained too (clip_tiny.train_clip)
+    # batch, so the words only videos use are trained too (clip_tiny.train_clip); a trail image
+    # suits bright objects on a dark ground, as in the Shapes world: for other videos, consider
+    # false or a pretrained --clip_ckpt
     clip_trails: bool = True
     # stage 2: diffusion
     steps: int = 1000

@@ -379,6 +379,16 @@ def test_train_clip_trains_the_video_words_only_with_videos():
         assert all(map(unmoved, shapes.DIRECTIONS)) == parallel  # the batches drew some of them
 
 
+def test_a_users_clip_tokenizer_learns_the_words_of_the_clip_captions_too():
+    images = [(torch.rand(3, 1, 16, 16) * 2 - 1, "a red circle")] * 4
+    clips = [(torch.rand(3, 4, 16, 16) * 2 - 1, "a red circle zigzagging")] * 4
+    config = dataclasses.replace(SMALL, vocab_size=1024)
+    _, tok = clip_tiny.train_clip(images, config, steps=1, batch_size=4, progress=False)
+    _, tok2 = clip_tiny.train_clip(images, config, steps=1, batch_size=4, progress=False,
+                                   videos=clips)
+    assert len(tok.encode("zigzagging")) > 1 and len(tok2.encode("zigzagging")) == 1
+
+
 def test_load_clip_reads_an_openai_format_state_dict(tmp_path):
     config = dataclasses.replace(SMALL, transformer_width=64, transformer_heads=1)
     model = CLIP(config)
