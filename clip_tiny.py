@@ -619,8 +619,9 @@ def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3,
     writes, otherwise from the dataset's captions and the clips') unless one is given. Each
     step draws a random batch, uses the symmetric InfoNCE loss (CLIP Fig. 3) with soft targets
     over items that show the same thing (`caption_targets`; for Shapes captions, the same
-    colour, shape, size and direction in any phrasing), AdamW (CLIP §2.5 and Table 19: betas 0.9, 0.98,
-    eps 1e-6, weight decay on matrices only, 0.1 here against CLIP's 0.2), warm-up, cosine.
+    colour, shape, size and direction in any phrasing), AdamW (CLIP §2.5 and Table 19: betas
+    0.9, 0.98, eps 1e-6, weight decay on matrices only, 0.1 here against CLIP's 0.2), warm-up,
+    cosine.
     `precision`: "fp32" or "bf16" (autocast; on a 2-core CPU it was slower than fp32).
     """
     torch.manual_seed(seed)

@@ -125,11 +125,13 @@ def presets():
         tft2v=tft2v.TFT2VConfig(p_text_in_content=0.8),
         diffusion=tft2v.DiffusionConfig(),
     )
-    # quick's UNet, 20,000 steps and the paired branch: on a 2-core Emerald Rapids Xeon (fp32)
-    # 18,700-19,700 steps fit the 57-minute budget, shape 95.3-97.4% in 4 seeds (colour 93.8% in
-    # one). Until 2026-12-06 it also attended at 16x16: 1.5x the step time, 20,000 steps in 50 min
-    # on a Zen 5 (bf16, shape 97.9%) but 11,630 on the Xeon (92.2%). The README's ablation trained
-    # that UNet for 9,000 steps (its command pins both).
+    # quick's UNet, 20,000 steps and the paired branch, whose clips also train the CLIP
+    # (clip_trails): on a 2-core Emerald Rapids Xeon (fp32) 16,000-18,100 steps fit the 57-minute
+    # budget on a slow evening, colour / shape 97.9-100 / 97.9-98.4% in 2 seeds; with the CLIP on
+    # images alone 18,700-19,700 steps, shape 95.3-97.4% in 4 seeds but colour 93.8% in one. Until
+    # 2026-12-06 it also attended at 16x16: 1.5x the step time, 20,000 steps in 50 min on a Zen 5
+    # (bf16, shape 97.9%) but 11,630 on the Xeon (92.2%). The README's ablation trained that UNet
+    # for 9,000 steps (its command pins both, and the CLIP stage).
     toy = copy.deepcopy(quick)
     toy["train"] = dataclasses.replace(
         quick["train"], out="runs/toy", steps=20000, time_budget=57.0,
