@@ -115,7 +115,8 @@ def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_l
 
     fn = tft2v.classifier_free_guidance(net, context, torch.zeros_like(context), 9.0)
     shape = (batch, model.config.out_channels, frames, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), unet3d.channels_last_convs(
+            model, tft2v.sampling_channels_last(device, dtype)):  # as generate() does
         return median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
                            repeats, 1, device)
 

@@ -19,7 +19,8 @@ Layouts (the video tensor at the module boundary is (B, C, F, H, W)):
 - Activations stay in PyTorch's default contiguous layout. Measured on a 2-core AVX-512 CPU,
   channels-last made convolutions faster but GroupNorm's backward 3x (float32) to 15x (bfloat16)
   slower, and the net step slower; the layout changes at the temporal blocks and the
-  attention token sequences are one copy each, a few percent of a step.
+  attention token sequences are one copy each, a few percent of a step. Sampling has no
+  backward: there `channels_last_convs` pays (one `quick` video ~9% faster in float32).
 
 Zero initialisation (improved-diffusion's `zero_module`): the last layer of every temporal block
 is zero, so an untrained temporal stack is the identity and the video model starts as the image
@@ -50,6 +51,7 @@ D context width, E timestep-embedding width, N a batch of sequences, S sequence 
 K condition maps (or context maps).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -102,6 +104,24 @@ def zero_module(module):
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+@contextlib.contextmanager
+def channels_last_convs(module, enabled=True):
+    """Within the block, every Conv2d weight of `module` is stored channels-last, so oneDNN runs
+    those convolutions without reordering the weight on each call and their outputs (the
+    activations after them) come out channels-last too; on leaving, the contiguous layout is back.
+    The values never change, only their layout. For inference: one `quick` video (DDIM 50 steps
+    with guidance, float32) took 1.46-1.49 s against 1.59-1.69 s on a 2-core Xeon (Emerald
+    Rapids), while in training the backward's GroupNorms lose what the convolutions gain."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)] if enabled else []
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield module
+    finally:
+        for conv in convs:
+            conv.weight.data = conv.weight.data.contiguous()
 
 
 def timestep_embedding(t, dim, max_period=10000):

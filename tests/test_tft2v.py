@@ -183,6 +183,32 @@ def test_generate_shapes_range_and_determinism(mode):
     assert torch.equal(a, b)
 
 
+def test_generate_on_a_cpu_in_fp32_samples_with_channels_last_convs_and_restores_them(
+        monkeypatch):
+    model = make_model().eval()
+    with torch.no_grad():  # off the zero initialisation, so the convolutions matter
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    forward = model.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(model.unet.conv_in.weight.is_contiguous())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.unet, "forward", spy)
+    kw = dict(prompts=["a big red circle"], frames=3, size=16, steps=3, seed=5)
+    with_layout = model.generate(**kw)
+    assert seen and not any(seen)  # channels-last inside the sampler
+    assert model.unet.conv_in.weight.is_contiguous()  # and contiguous again after
+    assert not tft2v.sampling_channels_last(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(tft2v, "sampling_channels_last", lambda device, precision: False)
+    seen.clear()
+    without = model.generate(**kw)
+    assert seen and all(seen)
+    torch.testing.assert_close(with_layout, without, atol=1e-4, rtol=0)
+
+
 def test_null_text_setting_picks_zeros_or_the_empty_prompt_embedding():
     zeros = make_model(p_drop_each=0.0, p_drop_all=0.0)
     calls = record_contexts(zeros)

@@ -256,6 +256,26 @@ def test_same_seed_same_output():
     assert torch.equal(a(x, t, context), b(x, t, context))
 
 
+@torch.no_grad()
+def test_channels_last_convs_keeps_the_output_and_restores_the_layout():
+    model = make_model(dataclasses.replace(SMALL, patch_size=2)).eval()
+    perturb(model.parameters())
+    x, t, context = inputs(H=16, W=16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    reference = model(x, t, context)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with unet3d.channels_last_convs(model):
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        assert not all(c.weight.is_contiguous() for c in convs)  # 1x1 kernels are both
+        torch.testing.assert_close(model(x, t, context), reference, atol=1e-5, rtol=1e-5)
+    with unet3d.channels_last_convs(model, enabled=False):
+        assert all(c.weight.is_contiguous() for c in convs)
+    with pytest.raises(RuntimeError, match="inside"), unet3d.channels_last_convs(model):
+        raise RuntimeError("inside")  # the layout comes back on an error too
+    for n, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[n]), n
+
+
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     x, t, context = inputs()
     grads = []
