@@ -127,7 +127,7 @@ def presets():
     )
     # quick's UNet, 20,000 steps and the paired branch, whose clips also train the CLIP
     # (clip_trails): on a 2-core Emerald Rapids Xeon (fp32) 16,000-18,100 steps fit the 57-minute
-    # budget on a slow evening, colour / shape 97.9-100 / 97.9-98.4% in 2 seeds; with the CLIP on
+    # budget on slow hours, colour / shape 97.9-100 / 96.4-98.4% in 3 seeds; with the CLIP on
     # images alone 18,700-19,700 steps, shape 95.3-97.4% in 4 seeds but colour 93.8% in one. Until
     # 2026-12-06 it also attended at 16x16: 1.5x the step time, 20,000 steps in 50 min on a Zen 5
     # (bf16, shape 97.9%) but 11,630 on the Xeon (92.2%). The README's ablation trained that UNet
