@@ -191,10 +191,29 @@ def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_pat
     _, longer = run(tmp_path, "--steps", "33", "--time_budget", "0", "--resume")
     assert longer.endswith("ckpt_0000033.pt")
     assert decays == [0.999, 0.999]  # no budget: the configured decay
-    _, wide = run(tmp_path, "--steps", "40", "--time_budget", "100", name="wide")
+    _, wide = run(tmp_path, "--steps", "40", "--time_budget", "100", "--max_steps", "0",
+                  name="wide")
     state = torch.load(wide, weights_only=False)
     assert state["step"] == state["fitted_steps"] == 40  # it fits: unchanged
     assert state["configs"]["train"]["ema_decay"] == 0.999
+
+
+def test_time_budget_raises_the_steps_up_to_max_steps_on_a_fast_machine(tmp_path, monkeypatch,
+                                                                        capsys):
+    decays = record_ema_decays(monkeypatch)
+    _, ckpt = run(tmp_path, "--steps", "40", "--max_steps", "60", "--time_budget", "100",
+                  "--ckpt_every", "100")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 60
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 60
+    assert decays == [0.999] * 60  # a longer run keeps the configured EMA
+    assert "60 steps fit, more than the 40 planned (--max_steps 60;" in capsys.readouterr().out
+    seen = []  # below --steps, --max_steps changes nothing: the fits stop at --steps
+    monkeypatch.setattr(train, "fit_steps", lambda cfg, step, el, s_s, sa_s, most: (
+        seen.append(most), most)[1])
+    _, ckpt = run(tmp_path, "--steps", "40", "--max_steps", "20", "--time_budget", "100",
+                  name="low")
+    assert seen == [40] and ckpt.endswith("ckpt_0000040.pt")
 
 
 def test_time_budget_fits_again_every_refit_every_steps_at_the_pace_since_its_last_fit(
@@ -214,7 +233,7 @@ def test_time_budget_fits_again_every_refit_every_steps_at_the_pace_since_its_la
         time.sleep(2.0) if "previews" in args[4] else None, [])[1])
     decays = record_ema_decays(monkeypatch)
     _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1", "--ckpt_every", "100",
-                  "--preview_every", "35", "--preview_prompts", "a red circle")
+                  "--preview_every", "35", "--preview_prompts", "a red circle", "--max_steps", "0")
     assert [(step, most) for step, _, most in calls] == [(30, 60), (40, 60), (50, 60)]
     # the pace since the last fit, without the preview at step 35 (which would add 0.2 s a step)
     assert 0.04 <= calls[1][1] < 0.2
@@ -276,6 +295,7 @@ def test_command_line_values_are_type_checked(capsys):
     (["--video_batch", "0"], "--video_batch must be positive"),
     (["--ema_decay", "1.5"], "--ema_decay must be in"),
     (["--time_budget", "-1"], "--time_budget must be at least 0"),
+    (["--max_steps", "-5"], "--max_steps must be at least 0"),
     (["--branches", "content,videos"], "--branches takes content, motion and paired"),
     (["--branch_mode", "sometimes"], "--branch_mode must be"),
     (["--precision", "fp16"], "unknown precision"),
