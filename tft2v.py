@@ -344,7 +344,9 @@ class TFT2V(nn.Module):
     The frozen CLIP turns captions into text tokens (B, L, D) and frames into image embeddings
     (B, E); a small MLP maps an image embedding to `image_tokens` tokens of width D. The context
     every spatial cross-attention sees is [text tokens ; image tokens] (B, L + image_tokens, D),
-    with an absent condition as zeros (as the official UNet).
+    with an absent condition as zeros (as the official UNet). A UNet with context maps (not in the
+    paper; unet3d.py) reads the first token: the text tokens then start with the caption's pooled
+    CLIP embedding, L + 1 of them.
     """
 
     def __init__(self, clip, tokenizer, unet_config, config=TFT2VConfig(),
@@ -353,6 +355,9 @@ class TFT2V(nn.Module):
         D = clip.config.transformer_width
         if unet_config.context_dim != D:
             raise ValueError(f"UNet context_dim {unet_config.context_dim} != CLIP text width {D}")
+        if unet_config.context_maps and clip.config.embed_dim != D:
+            raise ValueError(f"context maps read the pooled text embedding as a context token: "
+                             f"CLIP embed_dim {clip.config.embed_dim} must equal its text width {D}")
         self.config, self.unet_config = config, unet_config
         self.clip, self.tokenizer = clip.eval().requires_grad_(False), tokenizer
         self.unet = unet3d.UNet3D(unet_config)
@@ -390,12 +395,19 @@ class TFT2V(nn.Module):
     def device(self):
         return next(self.unet.parameters()).device
 
+    @property
+    def text_length(self):
+        """Text tokens in the context: CLIP's L, plus the pooled embedding for context maps."""
+        return self.clip.config.context_length + (1 if self.unet_config.context_maps else 0)
+
     @torch.no_grad()
     def encode_text(self, captions):
         """Captions -> text tokens (B, L, D) from CLIP's penultimate block. An empty caption is
         the absent-text condition (`null_text`), so an empty prompt means unconditional."""
         tokens = self.tokenizer(list(captions), self.clip.config.context_length).to(self.device)
         text = self.clip.text_tokens(tokens).float()  # (B, L, D)
+        if self.unet_config.context_maps:  # the pooled embedding first, for the UNet's maps
+            text = torch.cat([self.clip.encode_text(tokens).float()[:, None], text], dim=1)
         if self.config.null_text == "zeros":
             empty = torch.tensor([c.strip() == "" for c in captions], device=self.device)
             text = text.masked_fill(empty[:, None, None], 0.0)
@@ -404,7 +416,7 @@ class TFT2V(nn.Module):
     def null_text(self, batch):
         """The absent-text condition (B, L, D): zeros, or CLIP's tokens of the empty prompt."""
         if self.config.null_text == "zeros":
-            L, D = self.clip.config.context_length, self.unet_config.context_dim
+            L, D = self.text_length, self.unet_config.context_dim
             return torch.zeros(batch, L, D, device=self.device)
         if self.config.null_text == "empty":
             return self.encode_text([""] * batch)
@@ -488,7 +500,7 @@ class TFT2V(nn.Module):
         text_on, image_on = self.condition_dropout(text_on, ~text_on)
         # the frozen CLIP runs only on the rows whose condition is on (context() puts the absent
         # condition in the others): on all rows, its two towers took ~10% of a `quick` content step
-        text = images.new_zeros(B, self.clip.config.context_length, self.unet_config.context_dim)
+        text = images.new_zeros(B, self.text_length, self.unet_config.context_dim)
         emb = images.new_zeros(B, self.clip.config.embed_dim)
         if text_on.any():
             text[text_on] = self.encode_text([c for c, o in zip(captions, text_on.tolist()) if o])

@@ -35,16 +35,16 @@ encoder (convolutions per frame, then a temporal mixing convolution over frames)
 concatenated to x's channels before the input convolution. Deviation: VideoComposer's encoder
 mixes frames with a temporal transformer; here one zero-initialised convolution over frames does.
 
-Context maps (`context_maps` K > 0; an option, off in every preset, not in the paper): the mean
-context token, through one linear layer, enters as K input channels, constant over each frame and
-over the frames. Measured in a scratch test (docs/experiments.md, section 4): given a direction
-code as its context, the `quick` UNet learnt direction-dependent mean clips at t = T through these
-maps within 600 steps, and not at all through the cross-attention, which read the same code, in
-1,500. With the spatial transformers' zero-initialised `proj_out` at torch's default
-initialisation instead (`spatial_proj_zero=False`), the cross-attention alone learnt it by step
-700-900 (two seeds), which points at that zero layer as what delays it there; in `toy` with the
-real captions that option did not get the direction learnt (18.2%, chance 25%), so every preset
-keeps the official zero initialisation.
+Context maps (`context_maps` K > 0; an option, not in the paper): the first context token, through
+one linear layer, enters as K input channels, constant over each frame and over the frames. TF-T2V
+(tft2v.py) puts the caption's pooled CLIP text embedding there when the UNet has these maps. Why
+(docs/experiments.md, section 4): the direction a caption names ("moving left") is learnt late or
+never through the cross-attention, and 28.5% of the pooled embedding's variance against 3.7% of
+the mean text token's; in a scratch test (big red squares, t = T) the `quick` UNet learnt
+direction-dependent mean clips from the pooled embedding through these maps by step 700, and
+from the same captions' tokens through its cross-attention only at step 5,600 (with the spatial
+transformers' zero-initialised `proj_out` at torch's default initialisation instead,
+`spatial_proj_zero=False`; with the official zero layer not in 1,500 steps).
 
 Tensor legend: B batch, C channels, F frames, H W height width, L context tokens,
 D context width, E timestep-embedding width, N a batch of sequences, S sequence length,
@@ -76,7 +76,7 @@ class UNetConfig:
     num_groups: int = 32  # GroupNorm groups
     condition_channels: int = 0  # K per-frame condition maps (compositional synthesis); 0 = none
     condition_dim: int = 16  # width of the condition encoder's features, concatenated to x
-    context_maps: int = 0  # >0: this many constant input channels from the mean context token
+    context_maps: int = 0  # >0: this many constant input channels from the first context token
     spatial_proj_zero: bool = True  # spatial transformers' proj_out starts at zero (official);
     # False: torch's default initialisation (not in the paper; see the module docstring)
     dropout: float = 0.0  # in ResBlocks and temporal conv blocks
@@ -460,8 +460,8 @@ class UNet3D(nn.Module):
         elif condition is not None:
             raise ValueError("this UNet takes no condition maps (condition_channels = 0)")
         h = F.pixel_unshuffle(h, self.config.patch_size)  # (B*F, C p^2, H/p, W/p)
-        if self.context_maps is not None:  # the mean context token as K constant channels
-            k = self.context_maps(context.mean(1)).repeat_interleave(Fr, dim=0)  # (B*F, K)
+        if self.context_maps is not None:  # the first context token as K constant channels
+            k = self.context_maps(context[:, 0]).repeat_interleave(Fr, dim=0)  # (B*F, K)
             h = torch.cat([h, k[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
 
         h = self.conv_in(h)

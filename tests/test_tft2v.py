@@ -12,16 +12,17 @@ from tft2v import TFT2V, TFT2VConfig
 CAPTIONS = ["a big red circle", "a small blue square", "a big green triangle moving left", ""]
 
 
-def make_model(condition_channels=0, **tft2v_overrides):
+def make_model(condition_channels=0, context_maps=0, embed_dim=16, **tft2v_overrides):
     torch.manual_seed(0)
     tokenizer = clip_tiny.Tokenizer.train([c for c in CAPTIONS if c] * 4, vocab_size=600)
     clip = clip_tiny.CLIP(clip_tiny.CLIPConfig(
-        embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+        embed_dim=embed_dim, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
         context_length=12, vocab_size=tokenizer.vocab_size, transformer_width=32,
         transformer_heads=2, transformer_layers=2))
     unet = unet3d.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                              attention_levels=(1,), head_dim=16, context_dim=32,
-                             num_groups=8, condition_channels=condition_channels)
+                             num_groups=8, condition_channels=condition_channels,
+                             context_maps=context_maps)
     return TFT2V(clip, tokenizer, unet, TFT2VConfig(**tft2v_overrides))
 
 
@@ -169,6 +170,30 @@ def test_empty_prompt_is_the_zero_text_condition():
     model = make_model()
     text = model.encode_text(["", "a big red circle"])
     assert text[0].abs().sum() == 0 and text[1].abs().sum() > 0
+
+
+def test_context_maps_get_the_pooled_text_embedding_as_the_first_context_token():
+    model = make_model(context_maps=2, embed_dim=32, p_drop_each=0.0, p_drop_all=0.0)
+    L = model.clip.config.context_length
+    assert model.text_length == L + 1
+    text = model.encode_text(["a big red circle", ""])
+    tokens = model.tokenizer(["a big red circle"], L)
+    assert text.shape == (2, L + 1, 32)
+    torch.testing.assert_close(text[0, 0], model.clip.encode_text(tokens)[0].float())
+    torch.testing.assert_close(text[0, 1:], model.clip.text_tokens(tokens)[0].float())
+    assert text[1].abs().sum() == 0  # the empty prompt: no text, pooled embedding included
+    calls = record_contexts(model)
+    model.content_loss(torch.rand(8, 3, 1, 16, 16) * 2 - 1, ["a big red circle"] * 8)
+    model.motion_loss(torch.rand(2, 3, 4, 16, 16) * 2 - 1)
+    model.motion_loss(torch.rand(2, 3, 4, 16, 16) * 2 - 1, ["a small blue square"] * 2)
+    assert [ctx.shape[1] for ctx, _ in calls] == [L + 1 + 4] * 3
+    content, free, paired = (ctx[:, 0] for ctx, _ in calls)
+    assert 0 < (content.abs().sum(1) > 0).sum() < 8  # captioned rows only (the others: image)
+    assert free.abs().sum() == 0 and (paired.abs().sum(1) > 0).all()
+    video = model.eval().generate(prompts=["a big red circle"], frames=3, size=16, steps=2)
+    assert video.shape == (1, 3, 3, 16, 16)
+    with pytest.raises(ValueError, match="embed_dim 16 must equal its text width 32"):
+        make_model(context_maps=2)
 
 
 @pytest.mark.parametrize("mode", ["text", "image", "image+text"])

@@ -205,7 +205,7 @@ def test_spatial_proj_zero_decides_whether_the_context_reaches_an_untrained_mode
 
 
 @torch.no_grad()
-def test_context_maps_feed_the_mean_context_token_as_constant_input_channels():
+def test_context_maps_feed_the_first_context_token_as_constant_input_channels():
     config = dataclasses.replace(SMALL, context_maps=3)
     model = make_model(config).eval()
     x, t, context = inputs(F=4, config=config)
@@ -213,7 +213,7 @@ def test_context_maps_feed_the_mean_context_token_as_constant_input_channels():
     model.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     model(x, t, context)
     extra = seen[0][:, -3:]  # (B*F, 3, H, W): the channels after x's
-    expected = model.context_maps(context.mean(1))  # (B, 3)
+    expected = model.context_maps(context[:, 0])  # (B, 3)
     for b in range(2):
         for f in range(4):
             want = expected[b][:, None, None].expand(3, 8, 8)
@@ -228,6 +228,11 @@ def test_context_maps_feed_the_mean_context_token_as_constant_input_channels():
     assert not torch.allclose(model(x, t, context + 1.0), model(x, t, context), atol=1e-4)
     model.context_maps.weight.zero_()
     torch.testing.assert_close(model(x, t, context + 1.0), model(x, t, context))
+    model.context_maps.weight.normal_()  # and only the first token reaches them
+    later = context.clone()
+    later[:, 1:] += 1.0
+    torch.testing.assert_close(model(x, t, later), model(x, t, context))
+    assert not torch.allclose(model(x, t, later + 1.0), model(x, t, later), atol=1e-4)
 
 
 def test_context_maps_are_spatial_parameters_and_images_train_them():
