@@ -39,12 +39,12 @@ Context maps (`context_maps` K > 0; an option, not in the paper): the first cont
 one linear layer, enters as K input channels, constant over each frame and over the frames. TF-T2V
 (tft2v.py) puts the caption's pooled CLIP text embedding there when the UNet has these maps. Why
 (docs/experiments.md, section 4): the direction a caption names ("moving left") is learnt late or
-never through the cross-attention, and 28.5% of the pooled embedding's variance against 3.7% of
-the mean text token's; in a scratch test (big red squares, t = T) the `quick` UNet learnt
-direction-dependent mean clips from the pooled embedding through these maps by step 700, and
-from the same captions' tokens through its cross-attention only at step 5,600 (with the spatial
-transformers' zero-initialised `proj_out` at torch's default initialisation instead,
-`spatial_proj_zero=False`; with the official zero layer not in 1,500 steps).
+never through the cross-attention; it makes up 28.5% of the variance of the pooled embedding of
+`toy`'s CLIP, against 3.7% of its mean text token's. In a scratch test (big red squares, t = T)
+the `quick` UNet learnt direction-dependent mean clips from the pooled embedding through these
+maps by step 700, and from the same captions' tokens through its cross-attention only at step
+5,600 (and that with the spatial transformers' zero-initialised `proj_out` at torch's default
+initialisation instead, `spatial_proj_zero=False`).
 
 Tensor legend: B batch, C channels, F frames, H W height width, L context tokens,
 D context width, E timestep-embedding width, N a batch of sequences, S sequence length,
