@@ -79,10 +79,11 @@ def pick_precision(name, device):
 
 
 def sampling_channels_last(device, precision):
-    """Whether sampling runs the UNet's Conv2d weights channels-last (`unet3d.channels_last_convs`):
-    on a CPU in float32, where it was measured 7-14% faster (an Emerald Rapids Xeon; on a Cascade
-    Lake one a forward pass gained nothing clear); not on CUDA or in bf16, where it was not
-    measured for sampling (on a bf16 CPU, channels-last training steps were slower)."""
+    """Whether sampling runs the UNet's Conv2d weights channels-last
+    (`unet3d.channels_last_convs`): on a CPU in float32, where it was measured 7-14% faster (an
+    Emerald Rapids Xeon; on a Cascade Lake one a forward pass gained nothing clear); not on CUDA
+    or in bf16, where it was not measured for sampling (on a bf16 CPU, channels-last training
+    steps were slower)."""
     return device.type == "cpu" and precision == "fp32"
 
 
@@ -356,8 +357,9 @@ class TFT2V(nn.Module):
         if unet_config.context_dim != D:
             raise ValueError(f"UNet context_dim {unet_config.context_dim} != CLIP text width {D}")
         if unet_config.context_maps and clip.config.embed_dim != D:
-            raise ValueError(f"context maps read the pooled text embedding as a context token: "
-                             f"CLIP embed_dim {clip.config.embed_dim} must equal its text width {D}")
+            raise ValueError(f"context maps read the pooled text embedding as a context "
+                             f"token: CLIP embed_dim {clip.config.embed_dim} must equal its text "
+                             f"width {D}")
         self.config, self.unet_config = config, unet_config
         self.clip, self.tokenizer = clip.eval().requires_grad_(False), tokenizer
         self.unet = unet3d.UNet3D(unet_config)

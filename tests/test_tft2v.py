@@ -16,9 +16,9 @@ def make_model(condition_channels=0, context_maps=0, embed_dim=16, **tft2v_overr
     torch.manual_seed(0)
     tokenizer = clip_tiny.Tokenizer.train([c for c in CAPTIONS if c] * 4, vocab_size=600)
     clip = clip_tiny.CLIP(clip_tiny.CLIPConfig(
-        embed_dim=embed_dim, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
-        context_length=12, vocab_size=tokenizer.vocab_size, transformer_width=32,
-        transformer_heads=2, transformer_layers=2))
+        embed_dim=embed_dim, image_resolution=16, vision_layers=1, vision_width=64,
+        vision_patch_size=8, context_length=12, vocab_size=tokenizer.vocab_size,
+        transformer_width=32, transformer_heads=2, transformer_layers=2))
     unet = unet3d.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                              attention_levels=(1,), head_dim=16, context_dim=32,
                              num_groups=8, condition_channels=condition_channels,
