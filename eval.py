@@ -41,6 +41,7 @@ with the path's silhouette, per frame), write one table and a filmstrip:
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -719,6 +720,8 @@ def main(argv=None):
         args.seeds = 1 if args.ablate or args.compose else 2
     if min(args.seeds, args.steps, args.batch, args.train_seeds) <= 0:
         sys.exit("error: --seeds, --steps, --batch and --train_seeds must be positive")
+    if not math.isfinite(args.guidance):
+        sys.exit(f"error: --guidance must be a finite number, got {args.guidance}")
     args.train_flags = shlex.split(args.train_flags)
     if args.ablate:
         args.out = args.out or "runs/ablation"

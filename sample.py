@@ -18,6 +18,7 @@ The same checkpoint, prompt and seed give the same video.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -121,12 +122,18 @@ def main(argv=None):
             value = getattr(args, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
-        if args.eta < 0:
+        if not args.eta >= 0:  # NaN fails this too
             raise ValueError(f"--eta must be at least 0, got {args.eta}")
+        if not math.isfinite(args.guidance):
+            raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
         prompts = list(args.prompt)
         if args.prompts_file:
-            with open(args.prompts_file) as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+            try:
+                with open(args.prompts_file) as f:
+                    prompts += [line.rstrip("\n") for line in f if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read --prompts-file {args.prompts_file}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
         if not prompts and not args.image and not args.condition:
             raise ValueError("give --prompt, --prompts-file, --image or --condition")
         output_paths(args.out, 1)  # checks the extension before any work

@@ -455,6 +455,10 @@ def test_sample_py_run_folder_and_image_conditioning(checkpoint, tmp_path):
     (["--size", "10"], "--size must be a multiple of 4"),
     (["--fps", "0"], "--fps must be positive"),
     (["--eta", "-0.5"], "--eta must be at least 0"),
+    (["--eta", "nan"], "--eta must be at least 0"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--guidance", "inf"], "--guidance must be a finite number"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "cannot read --prompts-file"),
     (["--sampler", "ddpm"], "--steps is for ddim"),
 ])
 def test_sample_py_bad_input_gives_one_line_error(checkpoint, tmp_path, bad, message):
@@ -483,6 +487,8 @@ def test_eval_py_bad_input_stops_before_generating(checkpoint, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("generated"))
     with pytest.raises(SystemExit, match="must be positive"):
         evaluation.main([checkpoint, "--seeds", "0"])
+    with pytest.raises(SystemExit, match="--guidance must be a finite number, got nan"):
+        evaluation.main([checkpoint, "--guidance", "nan"])
     with pytest.raises(SystemExit, match="cannot write to the output folder /proc/forbidden"):
         evaluation.main([checkpoint, "--out", "/proc/forbidden/scores"])
 
