@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,
 import tft2v
 import train
 import unet3d
-from data import fetch_batch, shapes
+from data import fetch_batch, shapes, video
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel: count it too.
@@ -129,6 +130,32 @@ def data_seconds(kind, batch, shapes_config, steps):
                        torch.device("cpu"))
 
 
+def check_args(args, config):
+    """One line for settings that cannot run, before any timing."""
+    for name in ("batch", "frames", "size", "image_batch", "context_len", "steps",
+                 "sample_steps"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, "
+                             f"got {getattr(args, name)}")
+    for name in ("warmup", "threads", "matmul_size"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 0, "
+                             f"got {getattr(args, name)}")
+    if not args.dtypes or set(args.dtypes.split(",")) - {"fp32", "bf16"}:
+        raise ValueError(f"--dtypes takes a comma list of fp32 and bf16, got {args.dtypes!r}")
+    batches = args.sample_batches.split(",")
+    if not all(b.isdigit() and int(b) > 0 for b in batches):
+        raise ValueError(f"--sample-batches takes a comma list of positive numbers, "
+                         f"got {args.sample_batches!r}")
+    if args.size % config.size_multiple():
+        raise ValueError(f"--size must be a multiple of {config.size_multiple()} for this "
+                         f"UNet, got {args.size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available")
+    if args.json:
+        video.check_writable(os.path.dirname(os.path.abspath(args.json)), "folder of --json")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +195,10 @@ def main(argv=None):
         args.size, args.frames = s.resolution, s.frames
         args.batch, args.image_batch = preset["train"].video_batch, preset["train"].image_batch
         args.context_len = c.context_length + preset["tft2v"].image_tokens
+    try:
+        check_args(args, preset["unet"] if preset is not None else unet3d.PRESETS[args.preset])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
 
     if args.threads:
         torch.set_num_threads(args.threads)

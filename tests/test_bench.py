@@ -55,3 +55,17 @@ def test_bench_compile_times_a_compiled_twin_of_every_step(monkeypatch):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc():
     assert tft2v.keep_freed_memory()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--dtypes", "fp64"], "--dtypes takes a comma list of fp32 and bf16"),
+    (["--sample-batches", "1,-2"], "--sample-batches takes a comma list of positive numbers"),
+    (["--size", "30"], "--size must be a multiple of 4"),
+    (["--json", "/proc/forbidden/bench.json"], "cannot write to the folder of --json"),
+])
+def test_bench_bad_input_gives_one_line_error_before_any_timing(monkeypatch, bad, message):
+    monkeypatch.setattr(bench, "matmul_gflops", lambda *a: pytest.fail("timed"))
+    with pytest.raises(SystemExit, match=message):
+        bench.main(bad)
