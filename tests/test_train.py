@@ -157,10 +157,12 @@ def test_fit_steps_fills_the_budget_with_steps_previews_and_samples():
     assert train.fit_steps(cfg, 30, 70.0, 0.1, 0.0, 10_000) == 31  # spent: this step, then stop
 
 
-def test_budget_ema_decay_keeps_the_averages_share_of_the_run():
+def test_budget_ema_decay_shortens_the_window_with_the_cube_of_the_cut():
     for decay in (0.999, 0.3):  # not cut: exactly the configured decay (1 - (1 - 0.3) != 0.3)
         assert train.budget_ema_decay(decay, 5400, 5400) == decay
-    assert train.budget_ema_decay(0.999, 5400, 2700) == pytest.approx(0.998)  # half: 2x shorter
+    # half the steps: a window of 1,000 steps becomes 125, a quarter of its share of the run
+    assert train.budget_ema_decay(0.999, 5400, 2700) == pytest.approx(0.992)
+    assert train.budget_ema_decay(0.999, 5400, 4800) > train.budget_ema_decay(0.999, 5400, 2430)
     assert train.budget_ema_decay(0.999, 5400, 2) == 0.0  # shorter than the window: raw weights
     assert train.budget_ema_decay(0.0, 5400, 100) == 0.0
 
@@ -176,15 +178,19 @@ def record_ema_decays(monkeypatch):
     return decays
 
 
-def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path, monkeypatch):
+def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path, monkeypatch,
+                                                                         capsys):
     decays = record_ema_decays(monkeypatch)
     # TINY warms up for 2 steps, so the budget times steps 10-30 and decides at step 30
     _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--ckpt_every", "100")
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 31
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 31
-    cut = train.budget_ema_decay(0.999, 60, 31)  # the EMA shrinks with the run: 0.99806
+    cut = train.budget_ema_decay(0.999, 60, 31)  # the EMA shrinks with the run: 0.99275
     assert decays == [0.999] * 30 + [cut] and state["configs"]["train"]["ema_decay"] == cut
+    out = capsys.readouterr().out
+    assert "31 of 60 steps fit" in out
+    assert "EMA decay 0.999 -> 0.99275 (a window of ~138 steps)" in out
     _, again = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--resume")
     assert again == ckpt  # nothing left to train
     decays.clear()
