@@ -467,8 +467,9 @@ def budget_ema_decay(decay, planned, fitted):
     and 2,818 of its 5,400 steps on a 2-core Xeon (the same two runs, each averaged four ways)
     drew colour / shape on all 48 prompts in 92.7 / 26.0% and 94.8 / 38.5% with that share, in
     99.0 / 31.2% and 92.7 / 42.7% with a quarter of it (this rule gives a fifth and a quarter
-    there), and in 100.0 / 30.2% and 93.8 / 44.8% with the raw weights (docs/experiments.md). Not
-    cut: the configured decay."""
+    there), and in 100.0 / 30.2% and 93.8 / 44.8% with the raw weights; a third run, cut to 2,379,
+    94.8 / 29.2% with this rule and 93.8 / 31.2% with that share (docs/experiments.md). Not cut:
+    the configured decay."""
     if fitted >= planned:
         return decay  # not cut: exactly the configured decay
     return max(0.0, 1 - (1 - decay) * (planned / fitted) ** 3)
