@@ -674,7 +674,7 @@ def train(configs):
                 before, cfg.steps = cfg.steps, int(steps)
                 cfg.ema_decay = budget_ema_decay(decay, planned, cfg.steps)
                 shorter = (f"; EMA decay {decay:g} -> {cfg.ema_decay:.5g} (a window of "
-                           f"~{1 / max(1 - cfg.ema_decay, 1e-9):.0f} steps)"
+                           f"~{1 / (1 - cfg.ema_decay):.0f} steps)"  # cut: decay < 1
                            if cfg.ema_decay != decay else "")
                 more = f", more than the {planned} planned" if cfg.steps > planned else ""
                 if rank == 0 and not fitted and more:
