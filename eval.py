@@ -17,7 +17,8 @@ Beside accuracy, with the checkpoint's own (project) CLIP:
     python eval.py runs/toy --suite full --seeds 2       # every colour x shape x size
     python eval.py runs/toy --probe      # does it read each caption word? (caption_probe)
 
-Writes a JSON file and a markdown table next to the checkpoint (or to --out).
+Writes a JSON file, a markdown table and a GIF of every scored video (framed green where every
+attribute was read as prompted, red where one was not) next to the checkpoint (or to --out).
 
 The paper's ablations in miniature (`ablate`): train the `toy` preset (or any) with each variant
 and several seeds, score every run on the directions suite, write one table of mean and spread:
@@ -100,6 +101,25 @@ def summarize(rows):
     seen = [r for r in rows if not r["held_out"]]
     return {"all": mean(rows), "held_out": mean(held) if held else {},
             "seen": mean(seen) if seen else {}, "videos": len(rows)}
+
+
+HIT, MISS = (0.0, 0.8, 0.0), (0.9, 0.0, 0.0)  # a tile's frame: every attribute read right / not
+
+
+def contact_sheet(path, videos, rows, seeds):
+    """Every scored video in one animated grid (`path`, GIF): a prompt's seeds side by side,
+    prompts in suite order, at least 8 videos a row; each video framed green where `measure` read
+    every attribute as prompted, red where it missed any (the JSON rows say which).
+    videos (N, 3, F, H, W) and rows seed-major, as generate_suite and score_videos give them."""
+    N, C, Fr, H, W = videos.shape
+    prompts = N // seeds
+    order = [s * prompts + p for p in range(prompts) for s in range(seeds)]  # prompt-major
+    framed = torch.empty(N, C, Fr, H + 2, W + 2)
+    for i, j in enumerate(order):
+        colour = HIT if all(rows[j]["hits"].values()) else MISS
+        framed[i] = torch.tensor(colour).mul(2).sub(1).view(C, 1, 1, 1)  # [0, 1] -> [-1, 1]
+        framed[i, :, :, 1:-1, 1:-1] = videos[j]
+    return video.write_video(path, framed, scale=2, cols=seeds * max(1, 8 // seeds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +234,8 @@ def score_videos(suite, seeds, videos):
 def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, precision="fp32",
              progress=True):
     """Generated videos and rendered ones (the ceiling), each scored for accuracy, consistency and
-    Frechet distances against a third set of rendered clips. Returns (summary, rows)."""
+    Frechet distances against a third set of rendered clips. Returns (summary, rows, the
+    generated videos)."""
     shapes_config = shapes_config_of(configs)
     videos, per_video = generate_suite(model, configs, suite, seeds, steps, guidance, batch,
                                        precision, progress)
@@ -226,7 +247,7 @@ def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, p
 
     rows, generated = scored(videos)
     summary = {"generated": generated | {"seconds_per_video": per_video}, "real": scored(real)[1]}
-    return summary, rows
+    return summary, rows, videos
 
 
 def shapes_config_of(configs):
@@ -286,8 +307,8 @@ def train_and_score(name, flags, seed, args):
             return summary
     t0 = time.time()
     suite = prompt_suite(args.suite, shapes_config_of(saved))
-    summary, _ = evaluate(model, saved, suite, args.seeds, args.steps, args.guidance, args.batch,
-                          tft2v.pick_precision(args.precision, model.device))
+    summary, _, _ = evaluate(model, saved, suite, args.seeds, args.steps, args.guidance,
+                             args.batch, tft2v.pick_precision(args.precision, model.device))
     summary |= {"settings": settings, "train_seconds": seconds, "score_seconds": time.time() - t0}
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
@@ -747,19 +768,23 @@ def main(argv=None):
     if args.probe:
         return probe(model, configs, args)
     suite = prompt_suite(args.suite, shapes_config_of(configs))
-    summary, rows = evaluate(model, configs, suite, args.seeds, args.steps, args.guidance,
-                             args.batch, tft2v.pick_precision(args.precision, device))
+    summary, rows, videos = evaluate(model, configs, suite, args.seeds, args.steps,
+                                     args.guidance, args.batch,
+                                     tft2v.pick_precision(args.precision, device))
     summary |= {"suite": args.suite, "seeds": args.seeds, "steps": args.steps,
                 "guidance": args.guidance, "checkpoint": args.ckpt}
     stem = output_stem(args, f"eval_{args.suite}")
     with open(stem + ".json", "w") as f:
         json.dump({"summary": summary, "rows": rows}, f, indent=1)
+    sheet = contact_sheet(stem + ".gif", videos, rows, args.seeds)
     table = markdown(summary, f"{args.suite} suite, {args.seeds} seed(s), {args.steps} DDIM "
                               f"steps, guidance {args.guidance}")
-    with open(stem + ".md", "w") as f:
-        f.write(table)
+    with open(stem + ".md", "w") as f:  # the table, then the videos it scored
+        f.write(table + f"\n![every scored video; green: every attribute as prompted, red: a miss]"
+                        f"({os.path.basename(sheet)})\n")
     print(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    print(f"wrote {stem}.json, {stem}.md and {sheet} (the videos: green frame all right, red a "
+          f"miss)")
     return summary
 
 

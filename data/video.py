@@ -119,12 +119,13 @@ def check_writable(folder, what="output folder"):
         raise ValueError(f"cannot write to the {what} {folder}: {e.strerror}")
 
 
-def write_video(path, video, fps=8, scale=None):
+def write_video(path, video, fps=8, scale=None, cols=None):
     """Write (3, F, H, W) or (B, 3, F, H, W) in [-1, 1]; the extension picks the format:
       .gif  looping animation (Pillow merges identical consecutive frames into one longer frame)
       .mp4 (and other ffmpeg formats)  needs a backend, see the file docstring
       .png  filmstrip: one row per video, one column per frame
-    A batch is laid out as a grid of videos in GIF and MP4. Frames are enlarged `scale` times
+    A batch is laid out as a grid of videos in GIF and MP4, `cols` of them a row (default: a
+    near-square grid). Frames are enlarged `scale` times
     with nearest-neighbour pixels; None picks the smallest factor that makes them at least
     128 pixels (4 for 32 x 32 frames). Returns `path`."""
     ext = os.path.splitext(path)[1].lower()
@@ -140,7 +141,7 @@ def write_video(path, video, fps=8, scale=None):
     if ext == ".png":
         Image.fromarray(_tile(frames.reshape(B * F, *frames.shape[2:]), B, F)).save(path)
         return path
-    cols = math.ceil(math.sqrt(B))
+    cols = min(B, cols or math.ceil(math.sqrt(B)))
     rows = math.ceil(B / cols)
     movie = np.stack([_tile(frames[:, f], rows, cols) for f in range(F)])  # (F, H', W', 3)
     if ext == ".gif":

@@ -49,6 +49,24 @@ def test_demo_suite_marks_the_held_out_blue_circle():
     assert suite["a big blue circle"]["held_out"] and not suite["a big red circle"]["held_out"]
 
 
+def test_contact_sheet_puts_a_prompts_seeds_in_a_row_and_frames_a_miss_red(tmp_path):
+    from data.video import GAP, read_video
+    seeds = 3  # seed-major, as generated: video i is prompt i % 2 (red, green), seed i // 2
+    videos = shapes.render_batch(["red", "green"] * seeds, ["square"] * 6, ["big"] * 6,
+                                 ["static"] * 6, list(range(6)), frames=2, resolution=16)
+    rows = [{"hits": {"colour": 1.0, "shape": float(i != 3)}} for i in range(6)]
+    frames = read_video(evaluation.contact_sheet(str(tmp_path / "s.gif"), videos, rows, seeds))
+    tile = 2 * (16 + 2)  # the frame of one pixel around each video, enlarged twice
+    assert frames.shape[1:] == (tile, 6 * tile + 5 * GAP, 3)  # one row: 2 prompts x 3 seeds
+    tiles = [frames[0, :, i * (tile + GAP): i * (tile + GAP) + tile].astype(int)
+             for i in range(6)]
+    inside = [t[2:-2, 2:-2].sum(axis=(0, 1)) for t in tiles]
+    assert [int(rgb[0] > rgb[1]) for rgb in inside] == [1, 1, 1, 0, 0, 0]  # red prompt first
+    border = [t[0, tile // 2] for t in tiles]  # video 3 is the green prompt's second seed
+    assert [int(rgb[0] > 150 and rgb[1] < 50) for rgb in border] == [0, 0, 0, 0, 1, 0]
+    assert all(rgb[1] > 150 and rgb[0] < 50 for i, rgb in enumerate(border) if i != 4)
+
+
 # -- consistency and Frechet distances --
 
 def test_frechet_distance_is_zero_for_identical_sets_and_exact_for_shifts_and_scales():

@@ -488,6 +488,19 @@ def test_eval_py_probe_reads_a_train_py_checkpoint_and_writes_both_tables(checkp
     assert {k: tuple(v) for k, v in saved["travel"].items()} == travel
 
 
+def test_eval_py_scores_a_suite_and_writes_its_table_and_its_videos(checkpoint, tmp_path):
+    import eval as evaluation
+    from data.video import GAP, read_video
+    evaluation.main([checkpoint, "--suite", "demo", "--seeds", "1", "--steps", "2",
+                     "--out", str(tmp_path / "e")])
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["summary"]["generated"]["videos"] == 4
+    assert "| generated, all |" in (tmp_path / "e.md").read_text()
+    assert "](e.gif)" in (tmp_path / "e.md").read_text()  # the table shows what it scored
+    tile = 2 * (16 + 2)
+    assert read_video(str(tmp_path / "e.gif")).shape[1:] == (tile, 4 * tile + 3 * GAP, 3)
+
+
 def test_eval_py_bad_input_stops_before_generating(checkpoint, monkeypatch):
     import eval as evaluation
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("generated"))
