@@ -108,8 +108,9 @@ HIT, MISS = (0.0, 0.8, 0.0), (0.9, 0.0, 0.0)  # a tile's frame: every attribute 
 
 def contact_sheet(path, videos, rows, seeds):
     """Every scored video in one animated grid (`path`, GIF): a prompt's seeds side by side,
-    prompts in suite order, at least 8 videos a row; each video framed green where `measure` read
-    every attribute as prompted, red where it missed any (the JSON rows say which).
+    prompts in suite order, as many whole prompts a row as fit in 8 videos (one when it has more
+    seeds); each video framed green where `measure` read every attribute as prompted, red where
+    it missed any (the JSON rows say which).
     videos (N, 3, F, H, W) and rows seed-major, as generate_suite and score_videos give them."""
     N, C, Fr, H, W = videos.shape
     prompts = N // seeds
