@@ -122,8 +122,8 @@ def main(argv=None):
             value = getattr(args, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
-        if not args.eta >= 0:  # NaN fails this too
-            raise ValueError(f"--eta must be at least 0, got {args.eta}")
+        if not 0 <= args.eta < math.inf:  # NaN fails this too
+            raise ValueError(f"--eta must be at least 0 (and finite), got {args.eta}")
         if not math.isfinite(args.guidance):
             raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
         prompts = list(args.prompt)

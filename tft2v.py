@@ -556,8 +556,9 @@ class TFT2V(nn.Module):
         Returns (B, C, F, H, W) in [-1, 1]."""
         if prompts is None and images is None:
             raise ValueError("generate needs prompts, images or both")
-        if not (math.isfinite(guidance) and eta >= 0):  # NaN would write blank videos
-            raise ValueError(f"guidance must be finite and eta at least 0, got {guidance}, {eta}")
+        if not (math.isfinite(guidance) and 0 <= eta < math.inf):  # NaN, inf: blank videos
+            raise ValueError(f"guidance must be finite and eta at least 0 (and finite), got "
+                             f"{guidance}, {eta}")
         B = len(prompts) if prompts is not None else images.shape[0]
         if prompts is not None and images is not None and images.shape[0] != B:
             raise ValueError(f"{len(prompts)} prompts but {images.shape[0]} images")

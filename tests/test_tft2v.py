@@ -206,7 +206,8 @@ def test_generate_shapes_range_and_determinism(mode):
     assert a.shape == (2, 3, 3, 16, 8)
     assert a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)
-    for bad in (dict(guidance=float("nan")), dict(guidance=float("inf")), dict(eta=float("nan"))):
+    for bad in (dict(guidance=float("nan")), dict(guidance=float("inf")), dict(eta=float("nan")),
+                dict(eta=float("inf"))):
         with pytest.raises(ValueError, match="guidance must be finite and eta at least 0"):
             model.generate(**(kw | bad))
 

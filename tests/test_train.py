@@ -462,6 +462,7 @@ def test_sample_py_run_folder_and_image_conditioning(checkpoint, tmp_path):
     (["--fps", "0"], "--fps must be positive"),
     (["--eta", "-0.5"], "--eta must be at least 0"),
     (["--eta", "nan"], "--eta must be at least 0"),
+    (["--eta", "inf"], "--eta must be at least 0"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--guidance", "inf"], "--guidance must be a finite number"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "cannot read --prompts-file"),
