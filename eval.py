@@ -17,8 +17,9 @@ Beside accuracy, with the checkpoint's own (project) CLIP:
     python eval.py runs/toy --suite full --seeds 2       # every colour x shape x size
     python eval.py runs/toy --probe      # does it read each caption word? (caption_probe)
 
-Writes a JSON file, a markdown table and a GIF of every scored video (framed green where every
-attribute was read as prompted, red where one was not) next to the checkpoint (or to --out).
+Writes a JSON file, markdown tables (with what each prompted attribute was read as) and a GIF
+of every scored video (framed green where every attribute was read as prompted, red where one was
+not) next to the checkpoint (or to --out).
 
 The paper's ablations in miniature (`ablate`): train the `toy` preset (or any) with each variant
 and several seeds, score every run on the directions suite, write one table of mean and spread:
@@ -101,6 +102,21 @@ def summarize(rows):
     seen = [r for r in rows if not r["held_out"]]
     return {"all": mean(rows), "held_out": mean(held) if held else {},
             "seen": mean(seen) if seen else {}, "videos": len(rows)}
+
+
+def confusion(rows):
+    """What `measure` read against what the prompt asked, per attribute: {attribute: {prompted:
+    {read: videos}}}, the hits on the diagonal; "none" where no object was found. It tells
+    "draws circles for everything" from "draws nothing". Directions only for prompts with one."""
+    out = {}
+    for r in rows:
+        want = shapes.parse_caption(r["prompt"])
+        for k in ("colour", "shape", "size", "direction"):
+            if want[k] in (None, "static"):
+                continue
+            cell = out.setdefault(k, {}).setdefault(want[k], {})
+            cell[r["measured"][k]] = cell.get(r["measured"][k], 0) + 1
+    return out
 
 
 HIT, MISS = (0.0, 0.8, 0.0), (0.9, 0.0, 0.0)  # a tile's frame: every attribute read right / not
@@ -247,7 +263,8 @@ def evaluate(model, configs, suite, seeds=2, steps=50, guidance=9.0, batch=32, p
         return rows, summarize(rows) | quality(model.clip, clips, measured, reference)
 
     rows, generated = scored(videos)
-    summary = {"generated": generated | {"seconds_per_video": per_video}, "real": scored(real)[1]}
+    summary = {"generated": generated | {"seconds_per_video": per_video, "read": confusion(rows)},
+               "real": scored(real)[1]}
     return summary, rows, videos
 
 
@@ -677,8 +694,9 @@ def probe(model, configs, args):
 
 
 def markdown(summary, title):
-    """Two tables: accuracy (generated: all, seen, held-out; real clips) and consistency /
-    Frechet figures (generated vs real clips)."""
+    """Tables: accuracy (generated: all, seen, held-out; real clips), consistency / Frechet
+    figures (generated vs real clips), and for each attribute what the generated videos were
+    read as (`confusion`: rows prompted, columns read, in videos)."""
     gen, real = summary["generated"], summary["real"]
     keys = [k for k in ACCURACY if k in gen["all"]]
     lines = [f"### {title}", "", f"{gen['videos']} generated videos, "
@@ -695,6 +713,15 @@ def markdown(summary, title):
     for label, part in (("generated", gen), ("real clips", real)):
         lines.append(f"| {label} | " + " | ".join(fmt.format(part[k]) for k, _, fmt in QUALITY)
                      + " |")
+    order = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES),
+             "size": list(shapes.SIZES), "direction": list(shapes.DIRECTIONS)}
+    for k, table in gen.get("read", {}).items():  # what measure read, per prompted value
+        seen = {v for row in table.values() for v in row} | set(table)
+        cols = [v for v in order[k] if v in seen] + sorted(seen - set(order[k]))
+        lines += ["", f"| prompted {k}, read as: | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {want} | " + " | ".join(str(table[want].get(c, 0)) for c in cols) + " |"
+                  for want in order[k] if want in table]
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,28 @@ def test_summary_separates_held_out_prompts():
     assert s["all"]["colour"] == pytest.approx(0.5)
 
 
+def test_confusion_counts_what_was_read_for_each_prompted_value_and_the_markdown_shows_it():
+    suite = evaluation.prompt_suite("demo", shapes.ShapesConfig())  # 2 circles, square, triangle
+    drawn = {"a big red circle": ("red", "circle", "big", "right"),
+             "a small blue square": ("blue", "circle", "small", "right"),
+             "a big blue circle": ("blue", "circle", "big", "right"),
+             "a small yellow triangle": ("red", "triangle", "small", "right")}
+    clips = shapes.render_batch(*zip(*[drawn[p] for p, _ in suite]), seeds=[0, 1, 2, 3])
+    clips[2] = -1  # the big blue circle: a black clip, no object
+    rows, _ = evaluation.score_videos(suite, 1, clips)
+    read = evaluation.confusion(rows)
+    assert read["shape"] == {"circle": {"circle": 1, "none": 1}, "square": {"circle": 1},
+                             "triangle": {"triangle": 1}}
+    assert read["colour"] == {"red": {"red": 1}, "blue": {"blue": 1, "none": 1},
+                              "yellow": {"red": 1}}
+    assert "direction" not in read  # no demo prompt names one
+    gen = {"all": {"shape": 0.5}, "seen": {}, "held_out": {}, "videos": 4,
+           "seconds_per_video": 1.0, "read": read} | {k: 0.0 for k, _, _ in evaluation.QUALITY}
+    table = evaluation.markdown({"generated": gen, "real": gen}, "demo")
+    assert "| prompted shape, read as: | circle | square | triangle | none |" in table
+    assert "| square | 1 | 0 | 0 | 0 |" in table and "| circle | 1 | 0 | 0 | 1 |" in table
+
+
 def test_demo_suite_marks_the_held_out_blue_circle():
     suite = dict(evaluation.prompt_suite("demo", shapes.ShapesConfig()))
     assert suite["a big blue circle"]["held_out"] and not suite["a big red circle"]["held_out"]
