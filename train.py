@@ -83,6 +83,7 @@ class TrainConfig:
     lr: float = 2e-4
     warmup: int = 100
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | muon: Muon for the weight matrices, AdamW for the rest
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     compile: bool = False  # torch.compile the UNet (H100, gpu preset: ~1.5x steps/s; CPU: no gain)
@@ -113,9 +114,11 @@ def presets():
         # what let the extra steps pay: at lr 2e-3 and EMA 0.995, 6000 steps drew no better
         # shapes than 3000 (docs/experiments.md). On a faster machine the budget may raise the
         # steps to 8,100: two such runs on that CPU (13 minutes there) drew the prompted shape in
-        # 71.9% and 84.4% of the demo videos, against 34.4-75.0% for 5,400 steps
+        # 71.9% and 84.4% of the demo videos, against 34.4-75.0% for 5,400 steps. Muon: on the
+        # 2-core Emerald Rapids Xeon (fp32, ~2,500-2,650 steps fit) the shape in 43.8-68.8% of
+        # the demo videos in three seeds, 0-50% in thirteen AdamW runs (docs/experiments.md)
         train=TrainConfig(steps=5400, time_budget=9.0, max_steps=8100, image_batch=32,
-                          video_batch=4, lr=1e-3, warmup=200, ema_decay=0.999,
+                          video_batch=4, lr=1e-3, warmup=200, ema_decay=0.999, optimizer="muon",
                           branches="content,content,motion",
                           clip_steps=600, ckpt_every=900, preview_every=900,
                           preview_prompts=DEMO_PROMPTS),
@@ -141,6 +144,7 @@ def presets():
     toy = copy.deepcopy(quick)
     toy["train"] = dataclasses.replace(
         quick["train"], out="runs/toy", steps=20000, time_budget=57.0, max_steps=0,
+        optimizer="adamw",  # as measured; Muon not yet tried on `toy`
         branches="content,content,motion,paired", clip_steps=1200, ckpt_every=2000, keep_last=5,
         preview_every=2500,
         preview_prompts="a big red circle moving right;a small blue square moving up")
@@ -159,6 +163,7 @@ def presets():
     # compose figures)
     compose["train"] = dataclasses.replace(quick["train"], out="runs/compose", steps=2100,
                                            time_budget=0.0, lr=2e-3, warmup=100, ema_decay=0.995,
+                                           optimizer="adamw",
                                            ckpt_every=800, preview_every=800)
     compose["tft2v"] = dataclasses.replace(quick["tft2v"], conditions="silhouette,sketch")
     compose["unet"] = dataclasses.replace(quick["unet"], condition_channels=2, num_groups=32)
@@ -235,6 +240,8 @@ def check_configs(configs):
     unknown = sorted(set(names) - {"content", "motion", "paired"})
     if not names or unknown:
         raise ValueError(f"--branches takes content, motion and paired, got {cfg.branches!r}")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"--optimizer must be adamw or muon, got {cfg.optimizer!r}")
     if cfg.branch_mode not in ("cycle", "random", "rank"):
         raise ValueError(f"--branch_mode must be cycle, random or rank, got {cfg.branch_mode!r}")
     if {"motion", "paired"} & set(names) and s.frames < 2:
@@ -452,6 +459,87 @@ def make_optimizer(params, lr, weight_decay=0.0):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def newton_schulz(g, steps=5):
+    """Muon's orthogonalisation (Jordan et al., 2024): for each matrix of g (..., m, n), roughly
+    U V^T of its SVD U S V^T, by a quintic Newton-Schulz iteration from g / ||g||_F whose
+    coefficients pull every singular value into ~[0.7, 1.2] in five steps (not exactly to 1)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al., 2024) for weight matrices: Nesterov momentum, the update
+    orthogonalised per matrix (`newton_schulz`; a convolution kernel as out x in*k*k), then scaled
+    to an AdamW update's size, 0.2 sqrt(max(out, in)) (Liu et al., "Muon is Scalable for LLM
+    Training", 2025), so that AdamW's learning rate and schedule apply unchanged. Weights of one
+    shape are orthogonalised as one batch."""
+
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            mu, by_shape = group["momentum"], {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for ps in by_shape.values():
+                grads = [p.grad for p in ps]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                        for p in ps]
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                g = torch.stack(grads) + mu * torch.stack(bufs)  # Nesterov: (N, out, in, ...)
+                u = newton_schulz(g.flatten(2))  # (N, out, in*k*k)
+                u = u * (0.2 * max(u.shape[-2:]) ** 0.5)
+                if group["weight_decay"]:
+                    torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(ps, list(u.reshape(g.shape).unbind(0)), alpha=-group["lr"])
+
+
+class MuonAdamW:
+    """`--optimizer muon`: Muon for the weight matrices and kernels of the UNet and the
+    image-token MLP, except the UNet's first and last convolutions (pixels in and out); AdamW
+    (`make_optimizer`) for those and every vector (biases, norm gains). Not in the paper: on the
+    2-core Emerald Rapids Xeon the `quick` run drew the prompted shape far more often with it
+    (docs/experiments.md, section 2). The optimiser interface train() uses, over both."""
+
+    def __init__(self, model, lr, weight_decay=0.0):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        edges = ("unet.conv_in.", "unet.out.")
+        hidden = [p for n, p in named if p.ndim >= 2 and not n.startswith(edges)]
+        ids = {id(p) for p in hidden}
+        self.muon = Muon(hidden, lr, weight_decay=weight_decay)
+        self.adamw = make_optimizer([p for _, p in named if id(p) not in ids], lr, weight_decay)
+
+    @property
+    def param_groups(self):  # read each time: load_state_dict replaces the groups' dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
 @torch.no_grad()
 def ema_update(ema_tensors, params, decay):
     """ema <- decay * ema + (1 - decay) * weights, over two matching lists of tensors, in one
@@ -611,7 +699,8 @@ def train(configs):
 
     # stage 2: joint training
     params = model.trainable_parameters()
-    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    opt = MuonAdamW(model, cfg.lr, cfg.weight_decay) if cfg.optimizer == "muon" else \
+        make_optimizer(params, cfg.lr, cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     wanted = set(branch_names(cfg))
     batch = {"content": cfg.image_batch, "motion": cfg.video_batch, "paired": cfg.video_batch}
@@ -624,6 +713,10 @@ def train(configs):
         if len(resume["ranks"]) != world:
             sys.exit(f"error: {existing[-1]} was written by {len(resume['ranks'])} process(es); "
                      f"resume it with the same number, not {world}")
+        then = resume["configs"]["train"].get("optimizer", "adamw")
+        if then != cfg.optimizer:
+            sys.exit(f"error: {existing[-1]} was trained with --optimizer {then}; resume it with "
+                     f"the same, not {cfg.optimizer}")
         opt.load_state_dict(resume["optimizer"])
         ema = {k: v.to(device) for k, v in resume["ema"].items()}
         load_rank_state(resume["ranks"][rank], streams)

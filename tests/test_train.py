@@ -47,13 +47,12 @@ def test_a_few_steps_of_each_branch_mix_train_and_log(tmp_path, branches, mode):
     assert len(log) == 3
 
 
-def test_resume_n_plus_n_equals_2n(tmp_path):
-    full, _ = run(tmp_path, "--steps", "4", "--ckpt_every", "2", "--branches",
-                  "content,motion,paired", name="full")
-    run(tmp_path, "--steps", "2", "--ckpt_every", "2", "--branches", "content,motion,paired",
-        name="split")
-    resumed, ckpt = run(tmp_path, "--steps", "4", "--ckpt_every", "2", "--resume",
-                        "--branches", "content,motion,paired", name="split")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_n_plus_n_equals_2n(tmp_path, optimizer):
+    flags = ["--ckpt_every", "2", "--branches", "content,motion,paired", "--optimizer", optimizer]
+    full, _ = run(tmp_path, "--steps", "4", *flags, name="full")
+    run(tmp_path, "--steps", "2", *flags, name="split")
+    resumed, ckpt = run(tmp_path, "--steps", "4", "--resume", *flags, name="split")
     a, b = trainable_state(full), trainable_state(resumed)
     assert a.keys() == b.keys()
     for name in a:
@@ -126,6 +125,39 @@ def test_make_optimizer_is_fused_on_torch_2_4_and_steps_like_plain_adamw():
     for w, t, s in zip(weights, twins, start):
         assert not torch.equal(w.detach(), s)
         assert torch.allclose(w, t, atol=1e-6), (w - t).abs().max()
+
+
+def test_newton_schulz_gives_near_orthogonal_matrices_of_any_shape():
+    gen = torch.Generator().manual_seed(0)
+    u0 = torch.linalg.qr(torch.randn(3, 6, 6, generator=gen))[0]
+    v0 = torch.linalg.qr(torch.randn(3, 20, 6, generator=gen))[0]
+    g = u0 @ torch.diag(torch.logspace(0, -1.5, 6)) @ v0.mT  # singular values 1 ... 0.03
+    for x in (g, g.mT):  # wide and tall
+        u = train.newton_schulz(x)
+        assert u.shape == x.shape
+        s = torch.linalg.svdvals(u)  # every singular value pulled from its spread towards 1
+        assert s.min() > 0.6 and s.max() < 1.25, s
+        assert torch.allclose(u @ u.mT if u.shape[-2] < u.shape[-1] else u.mT @ u,
+                              torch.eye(6).expand(3, 6, 6), atol=0.5)
+
+
+def test_muon_steps_every_weight_matrix_with_an_orthogonal_update_of_adamw_size():
+    lin = torch.nn.Linear(8, 4)  # weight: Muon; bias: AdamW
+    model = torch.nn.Module()
+    model.unet = torch.nn.Module()
+    model.unet.proj, model.unet.conv_in = lin, torch.nn.Conv2d(3, 4, 3)
+    opt = train.MuonAdamW(model, lr=1e-2)
+    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == {id(lin.weight)}
+    assert len(opt.param_groups) == 2
+    before = lin.weight.detach().clone()
+    y = torch.randn(5, 4)  # a full-rank gradient for the 4 x 8 weight
+    (((lin(torch.randn(5, 8)) - y) ** 2).sum() + model.unet.conv_in.weight.sum()).backward()
+    opt.step()
+    step = (before - lin.weight.detach()) / 1e-2  # lr * 0.2 sqrt(8) * about-orthogonal rows
+    s = torch.linalg.svdvals(step / (0.2 * 8 ** 0.5))
+    assert s.min() > 0.6 and s.max() < 1.25, s
+    state = opt.state_dict()
+    assert set(state) == {"muon", "adamw"} and state["muon"]["state"]
 
 
 def test_checkpoint_seconds_add_up_over_resumes(tmp_path):
@@ -269,6 +301,8 @@ def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
         run(tmp_path, "--steps", "2")
     with pytest.raises(SystemExit, match="other unet settings"):
         run(tmp_path, "--steps", "2", "--resume", "--unet.model_channels", "8")
+    with pytest.raises(SystemExit, match="trained with --optimizer muon; resume it with the same"):
+        run(tmp_path, "--steps", "2", "--resume", "--optimizer", "adamw")  # quick's is muon
 
 
 def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
@@ -304,6 +338,7 @@ def test_command_line_values_are_type_checked(capsys):
     (["--max_steps", "-5"], "--max_steps must be at least 0"),
     (["--branches", "content,videos"], "--branches takes content, motion and paired"),
     (["--branch_mode", "sometimes"], "--branch_mode must be"),
+    (["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
     (["--precision", "fp16"], "unknown precision"),
     (["--device", "tpu"], "unknown device"),
     (["--shapes.resolution", "18"], "must be a multiple of 4"),
