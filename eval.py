@@ -716,8 +716,8 @@ def markdown(summary, title):
     order = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES),
              "size": list(shapes.SIZES), "direction": list(shapes.DIRECTIONS)}
     for k, table in gen.get("read", {}).items():  # what measure read, per prompted value
-        seen = {v for row in table.values() for v in row} | set(table)
-        cols = [v for v in order[k] if v in seen] + sorted(seen - set(order[k]))
+        values = {v for row in table.values() for v in row} | set(table)  # read or prompted
+        cols = [v for v in order[k] if v in values] + sorted(values - set(order[k]))
         lines += ["", f"| prompted {k}, read as: | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]
         lines += [f"| {want} | " + " | ".join(str(table[want].get(c, 0)) for c in cols) + " |"
