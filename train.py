@@ -460,17 +460,32 @@ def make_optimizer(params, lr, weight_decay=0.0):
 
 
 def newton_schulz(g, steps=5):
-    """Muon's orthogonalisation (Jordan et al., 2024): for each matrix of g (..., m, n), roughly
+    """Muon's orthogonalisation (Jordan et al., 2024): for each matrix of g (N, m, n), roughly
     U V^T of its SVD U S V^T, by a quintic Newton-Schulz iteration from g / ||g||_F whose
-    coefficients pull every singular value into ~[0.7, 1.2] in five steps (not exactly to 1)."""
+    coefficients pull every singular value into ~[0.7, 1.2] in five steps (not exactly to 1).
+    Each step is x <- p(x x^T) x with p(s) = a + b s + c s^2. For a matrix at least twice as wide
+    as tall (kernels: 64 x 576) the steps run on its small Gram matrix alone: with G = x x^T and
+    P = p(G), the next Gram matrix is P G P, and x is multiplied once at the end by the product
+    of the P's (same result to ~1e-6; 2 m^2 n + 17 m^3 products, not 5 (2 m^2 n + m^3))."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    m, n = x.shape[-2:]
+    if n < 2 * m:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    else:
+        gram, prod = x @ x.mT, None
+        for i in range(steps):
+            p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            p.diagonal(dim1=-2, dim2=-1).add_(a)
+            prod = p if prod is None else p @ prod
+            if i < steps - 1:
+                gram = p @ gram @ p
+        x = prod @ x
     return x.mT if tall else x
 
 
@@ -497,7 +512,7 @@ class Muon(torch.optim.Optimizer):
                         for p in ps]
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, grads)
-                g = torch.stack(grads) + mu * torch.stack(bufs)  # Nesterov: (N, out, in, ...)
+                g = torch.stack(grads).add_(torch.stack(bufs), alpha=mu)  # Nesterov: (N, out, ...)
                 u = newton_schulz(g.flatten(2))  # (N, out, in*k*k)
                 u = u * (0.2 * max(u.shape[-2:]) ** 0.5)
                 if group["weight_decay"]:

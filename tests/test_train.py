@@ -141,6 +141,17 @@ def test_newton_schulz_gives_near_orthogonal_matrices_of_any_shape():
                               torch.eye(6).expand(3, 6, 6), atol=0.5)
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 8), (4, 6, 20), (4, 20, 6)])  # x-steps, Gram, tall
+def test_newton_schulz_matches_the_plain_iteration(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = g / g.norm(dim=(-2, -1), keepdim=True)
+    x = x.mT if shape[-2] > shape[-1] else x
+    for _ in range(5):  # Jordan et al.'s quintic step on x itself
+        gram = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    x = x.mT if shape[-2] > shape[-1] else x
+    assert torch.allclose(train.newton_schulz(g), x, atol=1e-9)
+
 def test_muon_steps_every_weight_matrix_with_an_orthogonal_update_of_adamw_size():
     lin = torch.nn.Linear(8, 4)  # weight: Muon; bias: AdamW
     model = torch.nn.Module()
