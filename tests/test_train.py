@@ -152,6 +152,7 @@ def test_newton_schulz_matches_the_plain_iteration(shape):
     x = x.mT if shape[-2] > shape[-1] else x
     assert torch.allclose(train.newton_schulz(g), x, atol=1e-9)
 
+
 def test_muon_steps_every_weight_matrix_with_an_orthogonal_update_of_adamw_size():
     lin = torch.nn.Linear(8, 4)  # weight: Muon; bias: AdamW
     model = torch.nn.Module()
