@@ -583,6 +583,9 @@ PREVIEW_STEPS, FINAL_STEPS, FINAL_SEEDS = 20, 50, (0, 1)  # DDIM steps and seeds
 # machine's speed drifts (a `quick` run here fitted 3,036 steps at the warm-up's 6.4 steps/s, then
 # ran at 5.5 and ended 54 s past its budget of 9.5 minutes)
 REFIT_EVERY = 500
+# the first fit times the steps FIT_FROM .. FIT_AT after the run's start (or to the end of the
+# warm-up, if later): past the first steps' one-off costs
+FIT_FROM, FIT_AT = 10, 30
 
 
 def fit_steps(cfg, step, elapsed, step_seconds, sample_seconds, most):
@@ -757,18 +760,18 @@ def train(configs):
     def elapsed():  # the run's wall time so far, over all its invocations
         return seconds_before + time.time() - t_start
 
-    # --time_budget: time steps start+10 .. fit_at, then fix cfg.steps (before the cosine starts)
-    # and the EMA with it; every REFIT_EVERY steps, fit again at the pace since the last fit (the
-    # cosine follows the new count), never past the planned steps or --max_steps, whichever is
-    # more. A resumed run keeps its count.
-    fit_at = max(cfg.warmup, start + 30) if cfg.time_budget and not fitted else None
+    # --time_budget: time steps start+FIT_FROM .. fit_at, then fix cfg.steps (before the cosine
+    # starts) and the EMA with it; every REFIT_EVERY steps, fit again at the pace since the last
+    # fit (the cosine follows the new count), never past the planned steps or --max_steps,
+    # whichever is more. A resumed run keeps its count.
+    fit_at = max(cfg.warmup, start + FIT_AT) if cfg.time_budget and not fitted else None
     planned, decay, paused = cfg.steps, cfg.ema_decay, 0.0
     most = max(planned, cfg.max_steps) if fit_at is not None and start < planned else planned
     bar = tqdm(range(start, most), initial=start, total=cfg.steps, disable=rank != 0,
                desc=f"diffusion ({precision})", dynamic_ncols=True)  # ends at cfg.steps (below)
     with CtrlC(active=world == 1) as ctrl_c:
         for step in bar:
-            if step == start + 10:
+            if step == start + FIT_FROM:
                 t_fit, fit_from, paused = time.time(), step, 0.0
             if step == fit_at or (fitted and fit_at is not None and step % REFIT_EVERY == 0):
                 step_s = (time.time() - t_fit - paused) / (step - fit_from)  # previews apart

@@ -222,89 +222,99 @@ def record_ema_decays(monkeypatch):
     return decays
 
 
+def fit_early(monkeypatch, at=6):
+    """The budget's first fit times steps 2 .. `at`, not 10 .. 30: the same code, fewer steps."""
+    monkeypatch.setattr(train, "FIT_FROM", 2)
+    monkeypatch.setattr(train, "FIT_AT", at)
+
+
 def test_time_budget_fixes_the_steps_after_warm_up_and_resume_keeps_them(tmp_path, monkeypatch,
                                                                          capsys):
+    fit_early(monkeypatch)
     decays = record_ema_decays(monkeypatch)
-    # TINY warms up for 2 steps, so the budget times steps 10-30 and decides at step 30
-    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--ckpt_every", "100")
+    # TINY warms up for 2 steps, so the budget times steps 2-6 and decides at step 6
+    _, ckpt = run(tmp_path, "--steps", "12", "--time_budget", "1e-6", "--ckpt_every", "100")
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 31
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 31
-    cut = train.budget_ema_decay(0.999, 60, 31)  # the EMA shrinks with the run: 0.99275
-    assert decays == [0.999] * 30 + [cut] and state["configs"]["train"]["ema_decay"] == cut
+    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 7
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 7
+    cut = train.budget_ema_decay(0.999, 12, 7)  # the EMA shrinks with the run: 0.99496
+    assert decays == [0.999] * 6 + [cut] and state["configs"]["train"]["ema_decay"] == cut
     out = capsys.readouterr().out
-    assert "31 of 60 steps fit" in out
-    assert "EMA decay 0.999 -> 0.99275 (a window of ~138 steps)" in out
-    _, again = run(tmp_path, "--steps", "60", "--time_budget", "1e-6", "--resume")
+    assert "7 of 12 steps fit" in out
+    assert "EMA decay 0.999 -> 0.99496 (a window of ~198 steps)" in out
+    _, again = run(tmp_path, "--steps", "12", "--time_budget", "1e-6", "--resume")
     assert again == ckpt  # nothing left to train
     decays.clear()
-    _, longer = run(tmp_path, "--steps", "33", "--time_budget", "0", "--resume")
-    assert longer.endswith("ckpt_0000033.pt")
+    _, longer = run(tmp_path, "--steps", "9", "--time_budget", "0", "--resume")
+    assert longer.endswith("ckpt_0000009.pt")
     assert decays == [0.999, 0.999]  # no budget: the configured decay
-    _, wide = run(tmp_path, "--steps", "40", "--time_budget", "100", "--max_steps", "0",
+    _, wide = run(tmp_path, "--steps", "12", "--time_budget", "100", "--max_steps", "0",
                   name="wide")
     state = torch.load(wide, weights_only=False)
-    assert state["step"] == state["fitted_steps"] == 40  # it fits: unchanged
+    assert state["step"] == state["fitted_steps"] == 12  # it fits: unchanged
     assert state["configs"]["train"]["ema_decay"] == 0.999
 
 
 def test_time_budget_raises_the_steps_up_to_max_steps_on_a_fast_machine(tmp_path, monkeypatch,
                                                                         capsys):
+    fit_early(monkeypatch)
     decays = record_ema_decays(monkeypatch)
-    _, ckpt = run(tmp_path, "--steps", "40", "--max_steps", "60", "--time_budget", "100",
+    _, ckpt = run(tmp_path, "--steps", "10", "--max_steps", "16", "--time_budget", "100",
                   "--ckpt_every", "100")
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 60
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 60
-    assert decays == [0.999] * 60  # a longer run keeps the configured EMA
-    assert "60 steps fit, more than the 40 planned (--max_steps 60;" in capsys.readouterr().out
+    assert state["step"] == state["fitted_steps"] == state["configs"]["train"]["steps"] == 16
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 16
+    assert decays == [0.999] * 16  # a longer run keeps the configured EMA
+    assert "16 steps fit, more than the 10 planned (--max_steps 16;" in capsys.readouterr().out
     seen = []  # below --steps, --max_steps changes nothing: the fits stop at --steps
     monkeypatch.setattr(train, "fit_steps", lambda cfg, step, el, s_s, sa_s, most: (
         seen.append(most), most)[1])
-    _, ckpt = run(tmp_path, "--steps", "40", "--max_steps", "20", "--time_budget", "100",
+    _, ckpt = run(tmp_path, "--steps", "10", "--max_steps", "5", "--time_budget", "100",
                   name="low")
-    assert seen == [40] and ckpt.endswith("ckpt_0000040.pt")
+    assert seen == [10] and ckpt.endswith("ckpt_0000010.pt")
 
 
 def test_time_budget_fits_again_every_refit_every_steps_at_the_pace_since_its_last_fit(
         tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "REFIT_EVERY", 10)
-    counts, calls = iter([45, 58, 52]), []  # fit at step 30, then at 40 (grows) and 50 (shrinks)
+    fit_early(monkeypatch, at=8)
+    monkeypatch.setattr(train, "REFIT_EVERY", 4)
+    counts, calls = iter([14, 20, 17]), []  # fit at step 8, then at 12 (grows) and 16 (shrinks)
 
     def fit_steps(cfg, step, elapsed, step_s, sample_s, most):
         calls.append((step, step_s, most))
         return next(counts)
     monkeypatch.setattr(train, "fit_steps", fit_steps)
     monkeypatch.setattr(train, "sample_step_seconds", lambda *args: 0.0)
-    lr_at = train.lr_at  # from step 30 on, every step takes 2 x 0.02 s longer (two lr_at calls)
+    lr_at = train.lr_at  # from step 8 on, every step takes 2 x 0.02 s longer (two lr_at calls)
     monkeypatch.setattr(train, "lr_at", lambda cfg, step: (
-        time.sleep(0.02) if step >= 30 else None, lr_at(cfg, step))[1])
-    monkeypatch.setattr(train, "write_samples", lambda *args, **kwargs: (  # a 2-s preview
-        time.sleep(2.0) if "previews" in args[4] else None, [])[1])
+        time.sleep(0.02) if step >= 8 else None, lr_at(cfg, step))[1])
+    monkeypatch.setattr(train, "write_samples", lambda *args, **kwargs: (  # a 1-s preview
+        time.sleep(1.0) if "previews" in args[4] else None, [])[1])
     decays = record_ema_decays(monkeypatch)
-    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1", "--ckpt_every", "100",
-                  "--preview_every", "35", "--preview_prompts", "a red circle", "--max_steps", "0")
-    assert [(step, most) for step, _, most in calls] == [(30, 60), (40, 60), (50, 60)]
-    # the pace since the last fit, without the preview at step 35 (which would add 0.2 s a step)
+    _, ckpt = run(tmp_path, "--steps", "20", "--time_budget", "1", "--ckpt_every", "100",
+                  "--preview_every", "10", "--preview_prompts", "a red circle", "--max_steps", "0")
+    assert [(step, most) for step, _, most in calls] == [(8, 20), (12, 20), (16, 20)]
+    # the pace since the last fit, without the preview after step 10 (it would add 0.25 s a step)
     assert 0.04 <= calls[1][1] < 0.2
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == state["fitted_steps"] == 52
-    d = [train.budget_ema_decay(0.999, 60, n) for n in (45, 58, 52)]
-    assert decays == [0.999] * 30 + [d[0]] * 10 + [d[1]] * 10 + [d[2]] * 2
+    assert state["step"] == state["fitted_steps"] == 17
+    d = [train.budget_ema_decay(0.999, 20, n) for n in (14, 20, 17)]
+    assert decays == [0.999] * 8 + [d[0]] * 4 + [d[1]] * 4 + [d[2]] * 1
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     cfg = train.TrainConfig(**state["configs"]["train"])
-    assert cfg.steps == 52 and log[-1]["lr"] == pytest.approx(lr_at(cfg, 51))  # its cosine's end
+    assert cfg.steps == 17 and log[-1]["lr"] == pytest.approx(lr_at(cfg, 16))  # its cosine's end
 
 
 def test_resuming_a_budget_cut_run_keeps_its_ema_decay(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "fit_steps", lambda *args: 40)  # the budget cuts 60 steps to 40
+    fit_early(monkeypatch)
+    monkeypatch.setattr(train, "fit_steps", lambda *args: 10)  # the budget cuts 16 steps to 10
     decays = record_ema_decays(monkeypatch)
-    run(tmp_path, "--steps", "60", "--time_budget", "1", "--ckpt_every", "35")
+    run(tmp_path, "--steps", "16", "--time_budget", "1", "--ckpt_every", "8")
     decays.clear()
-    os.remove(tmp_path / "run" / "ckpt_0000040.pt")  # resume from step 35, after the cut
-    _, ckpt = run(tmp_path, "--steps", "60", "--time_budget", "1", "--resume")
-    assert ckpt.endswith("ckpt_0000040.pt")
-    assert decays == [train.budget_ema_decay(0.999, 60, 40)] * 5
+    os.remove(tmp_path / "run" / "ckpt_0000010.pt")  # resume from step 8, after the cut at 6
+    _, ckpt = run(tmp_path, "--steps", "16", "--time_budget", "1", "--resume")
+    assert ckpt.endswith("ckpt_0000010.pt")
+    assert decays == [train.budget_ema_decay(0.999, 16, 10)] * 2
 
 
 def test_existing_run_folder_needs_resume_and_same_config(tmp_path):
@@ -405,54 +415,33 @@ def _join_two_process_group(rank, port, timeout):
     faulthandler.dump_traceback_later(timeout, exit=True)
 
 
-def _spawn_two(worker, tmp_path):
-    """Run worker(rank, port, run folder, tmp_path) in 2 processes on a free local port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
-
-
-def _ddp_worker(rank, port, tmp, result):
-    _join_two_process_group(rank, port, timeout=120)
+def _ddp_replicas(rank, tmp, result):
     model, _ = train.train(train.parse_args(TINY + [
         "--out", tmp, "--steps", "3", "--branches", "content,motion", "--branch_mode", "rank"]))
     torch.save(trainable_state(model), os.path.join(result, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
-    _spawn_two(_ddp_worker, tmp_path)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    start = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
-    assert start["step"] == 3 and len(start["ranks"]) == 2
-
-
-def _ddp_budget_worker(rank, port, tmp, result):
-    _join_two_process_group(rank, port, timeout=120)
-    train.REFIT_EVERY = 10  # a fit at step 30, a re-fit at 40
-    # rank 0 fits 45 steps, then 42; were rank 1 to keep its own 60, the ranks would part at 42
-    counts = iter([45, 42]) if rank == 0 else iter([60, 60])
+def _ddp_budget(rank, tmp, result):
+    # rank 0 fits 12 steps, then 10; were rank 1 to keep its own 16, the ranks would part at 10
+    counts = iter([12, 10]) if rank == 0 else iter([16, 16])
+    kept = train.FIT_FROM, train.FIT_AT, train.REFIT_EVERY, train.fit_steps
+    train.FIT_FROM, train.FIT_AT, train.REFIT_EVERY = 2, 6, 4  # a fit at step 6, a re-fit at 8
     train.fit_steps = lambda *args: next(counts)
-    train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "60", "--time_budget", "1",
-                                         "--ckpt_every", "100"]))
+    try:
+        train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "16", "--time_budget",
+                                             "1", "--ckpt_every", "100"]))
+    finally:
+        train.FIT_FROM, train.FIT_AT, train.REFIT_EVERY, train.fit_steps = kept
 
 
-def test_under_ddp_every_rank_takes_rank_0s_time_budget_steps(tmp_path):
-    _spawn_two(_ddp_budget_worker, tmp_path)
-    assert [os.path.basename(p) for p in train.tft2v.checkpoints(tmp_path / "run")] == [
-        "ckpt_0000042.pt"]
+def _ddp_nan(rank, tmp, result):
+    calls, motion_loss = [], train.tft2v.TFT2V.motion_loss
 
-
-def _ddp_nan_worker(rank, port, tmp, result):
-    _join_two_process_group(rank, port, timeout=60)  # a rank left waiting fails the test
+    def nan_on_second_call(self, *args, **kwargs):
+        calls.append(1)
+        loss, parts = motion_loss(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) == 2 else loss), parts
     if rank == 1:  # the motion rank's loss turns NaN at its second step
-        calls, motion_loss = [], train.tft2v.TFT2V.motion_loss
-
-        def nan_on_second_call(self, *args, **kwargs):
-            calls.append(1)
-            loss, parts = motion_loss(self, *args, **kwargs)
-            return (loss * float("nan") if len(calls) == 2 else loss), parts
         train.tft2v.TFT2V.motion_loss = nan_on_second_call
     try:
         train.train(train.parse_args(TINY + ["--out", tmp, "--steps", "4", "--branches",
@@ -460,13 +449,55 @@ def _ddp_nan_worker(rank, port, tmp, result):
         message = "finished"
     except SystemExit as e:
         message = str(e)
+    finally:
+        train.tft2v.TFT2V.motion_loss = motion_loss
     with open(os.path.join(result, f"rank{rank}.txt"), "w") as f:
         f.write(message)
 
 
-def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path):
-    _spawn_two(_ddp_nan_worker, tmp_path)
-    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+DDP_CASES = {"replicas": _ddp_replicas, "budget": _ddp_budget, "nan": _ddp_nan}
+
+
+def _ddp_worker(rank, ports, folder):
+    """Every DDP case in turn, each in a process group of its own on its own port, in one pair of
+    processes: a spawn costs ~5 s of imports and first-step set-up on a 2-core CPU."""
+    for (name, case), port in zip(DDP_CASES.items(), ports):
+        _join_two_process_group(rank, port, timeout=120)  # a rank left waiting fails the tests
+        result = os.path.join(folder, name)
+        case(rank, os.path.join(result, "run"), result)
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def ddp_cases(tmp_path_factory):
+    """Run the DDP cases in 2 processes on free local ports; each case's folder by its name."""
+    folder = tmp_path_factory.mktemp("ddp")
+    sockets = [socket.socket() for _ in DDP_CASES]  # all open at once: three different ports
+    for s, name in zip(sockets, DDP_CASES):
+        s.bind(("127.0.0.1", 0))
+        (folder / name).mkdir()
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    mp.spawn(_ddp_worker, args=(ports, str(folder)), nprocs=2)
+    return folder
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(ddp_cases):
+    folder = ddp_cases / "replicas"
+    r0, r1 = (torch.load(folder / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    start = torch.load(folder / "run" / "ckpt_0000003.pt", weights_only=False)
+    assert start["step"] == 3 and len(start["ranks"]) == 2
+
+
+def test_under_ddp_every_rank_takes_rank_0s_time_budget_steps(ddp_cases):
+    assert [os.path.basename(p) for p in train.tft2v.checkpoints(ddp_cases / "budget" / "run")
+            ] == ["ckpt_0000010.pt"]
+
+
+def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(ddp_cases):
+    r0, r1 = ((ddp_cases / "nan" / f"rank{r}.txt").read_text() for r in (0, 1))
     assert r1.startswith("error: non-finite loss (nan) at step 1 on the motion branch")
     assert r0.startswith("error: non-finite loss on another process at step 1")
 
