@@ -150,21 +150,27 @@ def video_to_frames(x):
 
 # Scores per chunk of the plain CPU attention below: 2^21 bfloat16 scores = 4 MB, cache-sized.
 SCORE_CHUNK = 2**21
+# float32 on the CPU: the plain form for at most this many keys (`attention`), on AVX2 CPUs only
+PLAIN_KEYS = 64 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 0
 
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v for q (N, heads, S, d), k and v (N, heads, L, d).
 
     torch's scaled_dot_product_attention (fused kernels on CUDA, a flash kernel on the CPU), except
-    for bfloat16 on the CPU. There, measured on a 2-core AVX-512 CPU (forward + backward, each
-    attention of the `tiny` UNet's step), torch's flash kernel took 1.2x to 2.9x as long as a plain
-    matmul-softmax in bfloat16 (1,024-token self-attention: 96 vs 76 ms; 8-frame temporal
-    attention: 17 vs 6 ms), and the whole step 20-35% longer. The plain form materialises the
-    (S, L) scores, so it runs on chunks of the batch of about SCORE_CHUNK scores each: one chunk
-    for short sequences, two 1,024-token sequences at a time at full resolution. As under
-    autocast on CUDA, the scores are rounded to bfloat16 before the softmax. float32 on the CPU
-    keeps the flash kernel, which was as fast or faster there."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    on the CPU for bfloat16, and for float32 with at most PLAIN_KEYS keys: there a plain
+    matmul-softmax was faster. bfloat16, measured on a 2-core AVX-512 CPU (forward + backward,
+    each attention of the `tiny` UNet's step): torch's flash kernel took 1.2x to 2.9x as long
+    (1,024-token self-attention: 96 vs 76 ms; 8-frame temporal attention: 17 vs 6 ms), and the
+    whole step 20-35% longer. float32 on a 2-core Zen 3 EPYC (AVX2, no AVX-512): the flash kernel
+    took 1.3x to 4x as long for the `quick` UNet's attentions (8 frames, 36 text tokens or 64
+    positions as keys), about as long for 256 keys, and 0.64x as long for 1,024. On an AVX-512
+    Cascade Lake Xeon, though, the flash kernel was the faster in float32 (8-frame temporal
+    attention: 31 vs 86 ms), so PLAIN_KEYS is 0 on every CPU but an AVX2 one. The plain form
+    materialises the (S, L) scores, so it runs on chunks of the batch of about SCORE_CHUNK scores
+    each: one chunk for short sequences, two 1,024-token sequences at a time at full resolution.
+    As under autocast on CUDA, bfloat16 scores are rounded to bfloat16 before the softmax."""
+    if q.device.type != "cpu" or (q.dtype != torch.bfloat16 and k.shape[2] > PLAIN_KEYS):
         return F.scaled_dot_product_attention(q, k, v)
     rows = max(1, SCORE_CHUNK // (q.shape[1] * q.shape[2] * k.shape[2]))  # batch rows per chunk
     if rows >= q.shape[0]:

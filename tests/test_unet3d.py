@@ -177,6 +177,29 @@ def test_bfloat16_cpu_attention_matches_reference_and_its_gradients(monkeypatch,
         torch.testing.assert_close(a.grad.float(), b.grad, atol=6e-2, rtol=6e-2)
 
 
+@pytest.mark.parametrize("keys", [6, 16, 17])
+def test_float32_cpu_attention_takes_the_plain_form_up_to_plain_keys(monkeypatch, keys):
+    """float32 on the CPU: the plain form for at most PLAIN_KEYS keys (here 16; 64 on an AVX2
+    CPU, 0 elsewhere), torch's SDPA beyond; the float32 reference's values and gradients either
+    way."""
+    monkeypatch.setattr(unet3d, "PLAIN_KEYS", 16)
+    plain, calls = unet3d.plain_attention, []
+    monkeypatch.setattr(unet3d, "plain_attention", lambda *a: (calls.append(1), plain(*a))[1])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g) for n in (9, keys, keys))
+    grad = torch.randn(3, 2, 9, 8, generator=g)
+    ours = [a.clone().requires_grad_() for a in (q, k, v)]
+    ref = [a.clone().requires_grad_() for a in (q, k, v)]
+    out = unet3d.attention(*ours)
+    assert len(calls) == (keys <= unet3d.PLAIN_KEYS)
+    expected = slow_attention(*ref)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.backward(grad)
+    expected.backward(grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_timestep_and_context_each_change_the_output():
     model = make_model().eval()
