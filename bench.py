@@ -1,8 +1,9 @@
-"""Speed figures for the UNet of unet3d.py: one training step (forward, backward, and the AdamW
-of train.py) of the motion branch (video, temporal layers on) and of the content branch (images,
-F = 1, temporal layers off), in float32 and in bfloat16 autocast, with the parameter count, the
-step's FLOPs (torch.utils.flop_counter) and the achieved rate against a plain matmul measured in
-the same run; with --compile, each step again with the UNet under torch.compile.
+"""Speed figures for the UNet of unet3d.py: one training step (forward, backward, and the
+optimiser of train.py: a train.py preset's, else AdamW) of the motion branch (video, temporal
+layers on) and of the content branch (images, F = 1, temporal layers off), in float32 and in
+bfloat16 autocast, with the parameter count, the step's FLOPs (torch.utils.flop_counter) and the
+achieved rate against a plain matmul measured in the same run; with --compile, each step again
+with the UNet under torch.compile.
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
 guidance (one video and a batch), the Shapes data pipeline's share of a step, and peak memory.
 
@@ -187,6 +188,9 @@ def main(argv=None):
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (train.py, sample.py and eval.py "
                              "call tft2v.keep_freed_memory; this measures without it)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"),
+                        help="the optimiser of each step (default: a train.py preset's, else "
+                             "adamw)")
     parser.add_argument("--json", default="", help="also write the results to this path")
     args = parser.parse_args(argv)
     preset = train.presets().get(args.preset)
@@ -213,11 +217,16 @@ def main(argv=None):
         config = unet3d.PRESETS[args.preset]
     config = dataclasses.replace(config, use_checkpoint=args.checkpoint)
     model = unet3d.UNet3D(config).to(device).train()
-    optimiser = train.make_optimizer(list(model.parameters()), lr=1e-4)
+    args.optimizer = args.optimizer or (preset["train"].optimizer if preset else "adamw")
+    if args.optimizer == "muon":  # train.py's split: named as inside a TFT2V model
+        optimiser = train.MuonAdamW(torch.nn.ModuleDict({"unet": model}), lr=1e-4)
+    else:
+        optimiser = train.make_optimizer(list(model.parameters()), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())
 
     results = dict(device=str(device), threads=torch.get_num_threads(), malloc_kept=kept,
                    preset=args.preset, config=dataclasses.asdict(config), params=params,
+                   optimizer=args.optimizer,
                    matmul_size=args.matmul_size, matmul_gflops={}, runs=[])
     dtypes = args.dtypes.split(",")
     for dtype in dtypes:
@@ -281,7 +290,8 @@ def main(argv=None):
                                                                  for r in results["runs"]])
 
     print(f"UNet3D preset {args.preset}: {params / 1e6:.2f} M parameters, device {device}, "
-          f"{results['threads']} threads, malloc keeps freed memory: {'yes' if kept else 'no'}")
+          f"{results['threads']} threads, malloc keeps freed memory: {'yes' if kept else 'no'}, "
+          f"optimiser {args.optimizer}")
     print("matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
                                 results["matmul_gflops"].items()) + f" (n = {args.matmul_size})")
     print(f"{'branch':8} {'dtype':5} {'mode':7} {'B':>3} {'F':>3} {'HxW':>7} {'step s':>8} "

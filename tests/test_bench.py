@@ -9,15 +9,20 @@ from torch._dynamo.utils import counters
 
 import bench
 import tft2v
+import train
 import unet3d
 
 
-def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_path):
+def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_path,
+                                                                         monkeypatch):
+    muon_steps, muon_step = [], train.Muon.step
+    monkeypatch.setattr(train.Muon, "step", lambda self: (muon_steps.append(1), muon_step(self)))
     out = tmp_path / "bench.json"
     results = bench.main(["--preset", "quick", "--steps", "1", "--warmup", "0", "--dtypes",
                           "fp32", "--sample-steps", "2", "--sample-batches", "1",
                           "--matmul-size", "64", "--json", str(out)])
     assert json.loads(out.read_text())["params"] == results["params"] > 0
+    assert results["optimizer"] == "muon" and muon_steps  # quick's optimiser, as in train.py
     assert {(r["branch"], r["dtype"]) for r in results["runs"]} == {
         ("motion", "fp32"), ("content", "fp32")}
     assert not any(r["compiled"] for r in results["runs"])
@@ -50,6 +55,7 @@ def test_bench_compile_times_a_compiled_twin_of_every_step(monkeypatch):
         assert compiled["step_s"] > 0 and compiled["compile_s"] > 0
         assert eager["compile_s"] is None
     assert counters["stats"]["unique_graphs"] >= 2  # dynamo captured the UNet, once per branch
+    assert results["optimizer"] == "adamw"  # a UNet preset's default
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
