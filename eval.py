@@ -301,12 +301,12 @@ def train_run(name, seed, argv, args):
             *args.train_flags]
     existing = tft2v.checkpoints(folder)
     configs = train.parse_args(argv + (["--resume"] if existing else []))
-    done = bool(existing) and torch.load(
-        existing[-1], weights_only=False)["step"] >= configs["train"].steps
-    if not done:
+    last = existing[-1] if existing else None
+    state = torch.load(last, map_location="cpu", weights_only=False) if last else None
+    if state is None or state["step"] < configs["train"].steps:
         train.train(configs)
-    last = tft2v.checkpoints(folder)[-1]
-    state = torch.load(last, map_location="cpu", weights_only=False)  # train.py just wrote it
+        last = tft2v.checkpoints(folder)[-1]
+        state = torch.load(last, map_location="cpu", weights_only=False)  # train.py wrote it
     model = tft2v.model_from_checkpoint(state, use_ema=True).to(tft2v.pick_device("auto"))
     return model, state["configs"], last, state.get("seconds")
 
