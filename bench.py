@@ -218,8 +218,8 @@ def main(argv=None):
     config = dataclasses.replace(config, use_checkpoint=args.checkpoint)
     model = unet3d.UNet3D(config).to(device).train()
     args.optimizer = args.optimizer or (preset["train"].optimizer if preset else "adamw")
-    if args.optimizer == "muon":  # train.py's split: named as inside a TFT2V model
-        optimiser = train.MuonAdamW(torch.nn.ModuleDict({"unet": model}), lr=1e-4)
+    if args.optimizer == "muon":
+        optimiser = train.MuonAdamW(model, lr=1e-4)
     else:
         optimiser = train.make_optimizer(list(model.parameters()), lr=1e-4)
     params = sum(p.numel() for p in model.parameters())

@@ -519,18 +519,20 @@ class Muon(torch.optim.Optimizer):
 
 class MuonAdamW:
     """`--optimizer muon`: Muon for the weight matrices and kernels of the UNet and the
-    image-token MLP, except the UNet's first and last convolutions (pixels in and out); AdamW
-    (`make_optimizer`) for those and every vector (biases, norm gains). Not in the paper: on the
-    2-core Emerald Rapids Xeon the `quick` run drew the prompted shape far more often with it
-    (docs/experiments.md, section 2). The optimiser interface train() uses, over both."""
+    image-token MLP, except the UNet's first and last convolutions (pixels in and out: `conv_in`
+    and `out` of every UNet3D in `model`); AdamW (`make_optimizer`) for those and every vector
+    (biases, norm gains). Not in the paper: on the 2-core Emerald Rapids Xeon the `quick` run
+    drew the prompted shape far more often with it (docs/experiments.md, section 2). The
+    optimiser interface train() uses, over both."""
 
     def __init__(self, model, lr, weight_decay=0.0):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        edges = ("unet.conv_in.", "unet.out.")
-        hidden = [p for n, p in named if p.ndim >= 2 and not n.startswith(edges)]
+        edges = {id(p) for m in model.modules() if isinstance(m, unet3d.UNet3D)
+                 for p in (*m.conv_in.parameters(), *m.out.parameters())}
+        params = [p for p in model.parameters() if p.requires_grad]
+        hidden = [p for p in params if p.ndim >= 2 and id(p) not in edges]
         ids = {id(p) for p in hidden}
         self.muon = Muon(hidden, lr, weight_decay=weight_decay)
-        self.adamw = make_optimizer([p for _, p in named if id(p) not in ids], lr, weight_decay)
+        self.adamw = make_optimizer([p for p in params if id(p) not in ids], lr, weight_decay)
 
     @property
     def param_groups(self):  # read each time: load_state_dict replaces the groups' dicts

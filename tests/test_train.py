@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import sample
 import train
+import unet3d
 
 TINY = ["--clip_steps", "3", "--clip_batch", "16", "--image_batch", "4", "--video_batch", "2",
         "--shapes.resolution", "16", "--shapes.frames", "4", "--clip.image_resolution", "16",
@@ -156,10 +157,20 @@ def test_newton_schulz_matches_the_plain_iteration(shape):
 def test_muon_steps_every_weight_matrix_with_an_orthogonal_update_of_adamw_size():
     lin = torch.nn.Linear(8, 4)  # weight: Muon; bias: AdamW
     model = torch.nn.Module()
-    model.unet = torch.nn.Module()
-    model.unet.proj, model.unet.conv_in = lin, torch.nn.Conv2d(3, 4, 3)
+    model.proj = lin
+    model.unet = unet3d.UNet3D(unet3d.UNetConfig(
+        model_channels=8, channel_mult=(1,), attention_levels=(), num_groups=4, context_dim=8))
+    model.unet.time_embed.requires_grad_(False)  # frozen: in neither optimiser
+    edges = {id(model.unet.conv_in.weight), id(model.unet.out[-1].weight)}  # pixels: AdamW
     opt = train.MuonAdamW(model, lr=1e-2)
-    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == {id(lin.weight)}
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    for p in model.parameters():
+        if not p.requires_grad:
+            assert id(p) not in muon | adamw
+        else:
+            assert (id(p) in muon) == (p.ndim >= 2 and id(p) not in edges), p.shape
+            assert (id(p) in adamw) != (id(p) in muon)
     assert len(opt.param_groups) == 2
     before = lin.weight.detach().clone()
     y = torch.randn(5, 4)  # a full-rank gradient for the 4 x 8 weight
