@@ -26,10 +26,10 @@ and several seeds, score every run on the directions suite, write one table of m
 
     python eval.py --ablate all --preset toy --train_seeds 2 --out runs/ablation \
         --train_flags "--steps 9000 --time_budget 0 --unet.attention_levels '(0, 1)' \
-                       --clip_trails false"
+                       --clip_trails false --optimizer adamw"
 
 (the README's table: 9,000 steps a run, with the UNet `toy` had then, attending at 16x16 too,
-and its CLIP stage of then, on images alone: the same CLIP for every variant).
+its CLIP stage of then, on images alone: the same CLIP for every variant, and AdamW).
 
 Compositional synthesis (`compose`): train a model whose content branch sees silhouette and
 sketch maps with its images while its motion branch sees text-free videos without any (TF-T2V's

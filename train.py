@@ -135,23 +135,25 @@ def presets():
         diffusion=tft2v.DiffusionConfig(),
     )
     # quick's UNet, 20,000 steps and the paired branch, whose clips also train the CLIP
-    # (clip_trails): on a 2-core Emerald Rapids Xeon (fp32) 16,000-18,100 steps fit the 57-minute
-    # budget on slow hours, colour / shape 97.9-100 / 96.4-98.4% in 3 seeds; with the CLIP on
-    # images alone 18,700-19,700 steps, shape 95.3-97.4% in 4 seeds but colour 93.8% in one. Until
+    # (clip_trails), Muon as quick: on a 2-core Zen 3 EPYC (fp32), where 9,700-10,700 steps fit
+    # the 57-minute budget, shape 96.4 and 98.4% in seeds 0 and 1, 88.5% with AdamW (seed 0).
+    # AdamW on a 2-core Emerald Rapids Xeon (fp32): 16,000-18,100 steps fit the budget on slow
+    # hours, colour / shape 97.9-100 / 96.4-98.4% in 3 seeds; with the CLIP on images alone
+    # 18,700-19,700 steps, shape 95.3-97.4% in 4 seeds but colour 93.8% in one. Until
     # 2026-12-06 it also attended at 16x16: 1.5x the step time, 20,000 steps in 50 min on a Zen 5
     # (bf16, shape 97.9%) but 11,630 on the Xeon (92.2%). The README's ablation trained that UNet
     # for 9,000 steps (its command pins both, and the CLIP stage).
     toy = copy.deepcopy(quick)
     toy["train"] = dataclasses.replace(
         quick["train"], out="runs/toy", steps=20000, time_budget=57.0, max_steps=0,
-        optimizer="adamw",  # as measured; Muon not yet tried on `toy`
+        optimizer="muon",
         branches="content,content,motion,paired", clip_steps=1200, ckpt_every=2000, keep_last=5,
         preview_every=2500,
         preview_prompts="a big red circle moving right;a small blue square moving up")
     gpu = copy.deepcopy(toy)
     gpu["train"] = dataclasses.replace(
         toy["train"], out="runs/gpu", steps=20000, time_budget=0.0, image_batch=64, video_batch=16,
-        clip_steps=2000)
+        clip_steps=2000, optimizer="adamw")  # as measured on the H100
     gpu["shapes"] = dataclasses.replace(quick["shapes"], resolution=64, frames=16)
     gpu["clip"] = dataclasses.replace(quick["clip"], image_resolution=64)
     # attention at the top level too (32x32 positions), as in the H100 figures of the README
