@@ -465,7 +465,9 @@ def newton_schulz(g, steps=5):
     Each step is x <- p(x x^T) x with p(s) = a + b s + c s^2. For a matrix at least twice as wide
     as tall (kernels: 64 x 576) the steps run on its small Gram matrix alone: with G = x x^T and
     P = p(G), the next Gram matrix is P G P, and x is multiplied once at the end by the product
-    of the P's (same result to ~1e-6; 2 m^2 n + 17 m^3 products, not 5 (2 m^2 n + m^3))."""
+    of the P's (same result to ~1e-6; 2 m^2 n + 17 m^3 products, not 5 (2 m^2 n + m^3)).
+    torch.bmm, not `@`: on the `quick` UNet's matrices 18.4 against 20.2 ms a step (2-core Zen 3
+    EPYC), as `@` reshapes its operands on every call."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = x.shape[-2] > x.shape[-1]
@@ -474,17 +476,17 @@ def newton_schulz(g, steps=5):
     m, n = x.shape[-2:]
     if n < 2 * m:
         for _ in range(steps):
-            gram = x @ x.mT
+            gram = torch.bmm(x, x.mT)
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     else:
-        gram, prod = x @ x.mT, None
+        gram, prod = torch.bmm(x, x.mT), None
         for i in range(steps):
             p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             p.diagonal(dim1=-2, dim2=-1).add_(a)
-            prod = p if prod is None else p @ prod
+            prod = p if prod is None else torch.bmm(p, prod)
             if i < steps - 1:
-                gram = p @ gram @ p
-        x = prod @ x
+                gram = torch.bmm(torch.bmm(p, gram), p)
+        x = torch.bmm(prod, x)
     return x.mT if tall else x
 
 
@@ -492,8 +494,10 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for weight matrices: Nesterov momentum, the update
     orthogonalised per matrix (`newton_schulz`; a convolution kernel as out x in*k*k), then scaled
     to an AdamW update's size, 0.2 sqrt(max(out, in)) (Liu et al., "Muon is Scalable for LLM
-    Training", 2025), so that AdamW's learning rate and schedule apply unchanged. Weights of one
-    shape are orthogonalised as one batch."""
+    Training", 2025), so that AdamW's learning rate and schedule apply unchanged. The matrices of
+    one shape (a tall one transposed) are orthogonalised as one batch, and the momentum and the
+    step are one foreach call over all of them: on the `quick` UNet, 16 batches instead of 21, and
+    the step 10-12% faster than per shape (30 against 34 ms on a 2-core Zen 3 EPYC)."""
 
     def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -501,22 +505,31 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            mu, by_shape = group["momentum"], {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape), []).append(p)
-            for ps in by_shape.values():
-                grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        for p in ps]
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, grads)
-                g = torch.stack(grads).add_(torch.stack(bufs), alpha=mu)  # Nesterov: (N, out, ...)
-                u = newton_schulz(g.flatten(2))  # (N, out, in*k*k)
+            mu = group["momentum"]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+            by_shape = {}  # (rows, columns) -> [(index, matrix)]: orthogonalised as one batch
+            for i, g in enumerate(nesterov):
+                w = g.reshape(g.shape[0], -1)  # (out, in*k*k)
+                w = w.mT if w.shape[0] > w.shape[1] else w  # tall ones join the wide of one shape
+                by_shape.setdefault(tuple(w.shape), []).append((i, w))
+            updates = [None] * len(params)
+            for matrices in by_shape.values():
+                u = newton_schulz(torch.stack([w for _, w in matrices]))  # (N, rows, columns)
                 u = u * (0.2 * max(u.shape[-2:]) ** 0.5)
-                if group["weight_decay"]:
-                    torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(ps, list(u.reshape(g.shape).unbind(0)), alpha=-group["lr"])
+                for (i, _), x in zip(matrices, u.unbind(0)):
+                    p = params[i]
+                    updates[i] = (x if x.shape[0] == p.shape[0] else x.mT).reshape(p.shape)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 class MuonAdamW:

@@ -154,6 +154,28 @@ def test_newton_schulz_matches_the_plain_iteration(shape):
     assert torch.allclose(train.newton_schulz(g), x, atol=1e-9)
 
 
+def test_muon_orthogonalises_each_matrix_on_its_own_in_a_shared_batch():
+    # a wide 4 x 8, a tall 8 x 4 and a 4 x 8 x 1 x 1 kernel share one batch of 4 x 8 matrices
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen))
+              for s in ((4, 8), (8, 4), (4, 8, 1, 1), (6, 6))]
+    start = [p.detach().clone() for p in params]
+    opt = train.Muon(params, lr=0.1, momentum=0.5)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(2)]
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g
+        opt.step()
+    for i, (p, w) in enumerate(zip(params, start)):  # the same two steps, each matrix alone
+        w, buf = w.double(), torch.zeros(p.shape, dtype=torch.float64)
+        for step in grads:
+            buf = 0.5 * buf + step[i].double()
+            m = (step[i].double() + 0.5 * buf).reshape(p.shape[0], -1)[None]  # Nesterov
+            u = train.newton_schulz(m)[0] * 0.2 * max(m.shape[-2:]) ** 0.5
+            w = w - 0.1 * u.reshape(p.shape)
+        assert torch.allclose(p.detach().double(), w, atol=1e-5), (p.shape, (p - w).abs().max())
+
+
 def test_muon_steps_every_weight_matrix_with_an_orthogonal_update_of_adamw_size():
     lin = torch.nn.Linear(8, 4)  # weight: Muon; bias: AdamW
     model = torch.nn.Module()
