@@ -507,6 +507,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             mu = group["momentum"]
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # nothing to step (foreach calls refuse empty lists)
+                continue
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)

@@ -161,6 +161,8 @@ def test_muon_orthogonalises_each_matrix_on_its_own_in_a_shared_batch():
               for s in ((4, 8), (8, 4), (4, 8, 1, 1), (6, 6))]
     start = [p.detach().clone() for p in params]
     opt = train.Muon(params, lr=0.1, momentum=0.5)
+    opt.step()  # no gradients yet: nothing moves
+    assert all(torch.equal(p, s) for p, s in zip(params, start)) and not opt.state
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(2)]
     for step in grads:
         for p, g in zip(params, step):
