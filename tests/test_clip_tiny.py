@@ -270,6 +270,28 @@ def test_text_embedding_pools_at_the_end_token(tok):
     torch.testing.assert_close(model.encode_text(padded), expected)
 
 
+def test_text_embedding_runs_the_tower_up_to_the_last_end_token_only_with_the_same_gradients(tok):
+    torch.manual_seed(0)
+    model = CLIP(dataclasses.replace(SMALL, vocab_size=tok.vocab_size))
+    tokens = tok(["hello world", "help"], SMALL.context_length)  # eot at positions 3 and 4
+    lengths = []
+    hook = model.transformer.resblocks[0].register_forward_pre_hook(
+        lambda module, args: lengths.append(args[0].shape[1]))
+    model.encode_text(tokens).square().sum().backward()
+    hook.remove()
+    assert lengths == [5]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    features = model.text_features(tokens)  # every position, as before the shortcut
+    full = torch.stack([features[0, 3], features[1, 4]]) @ model.text_projection
+    full.square().sum().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:  # the same sums in another order: equal to float32 rounding
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6 * scale)
+    assert model.encode_text(tokens[:0]).shape == (0, SMALL.embed_dim)
+
+
 def test_text_tokens_are_the_penultimate_block_then_ln_final():
     torch.manual_seed(0)
     model = CLIP(SMALL).eval()
