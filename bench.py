@@ -5,7 +5,8 @@ bfloat16 autocast, with the parameter count, the step's FLOPs (torch.utils.flop_
 achieved rate against a plain matmul measured in the same run; with --compile, each step again
 with the UNet under torch.compile.
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
-guidance (one video and a batch), the Shapes data pipeline's share of a step, and peak memory.
+guidance (one video and a batch; its FLOPs and rate too), the Shapes data pipeline's share of a
+step, and peak memory.
 
     python bench.py                       # the UNet's tiny preset on this machine's default device
     python bench.py --preset quick        # the quick training preset: steps, sampling, data
@@ -107,7 +108,8 @@ def peak_memory_mb(device):
 
 def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_len, repeats):
     """Median time of DDIM sampling with classifier-free guidance (2 x batch per network call),
-    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate."""
+    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate, and the FLOPs of
+    the whole sample (one step's network call counted, times the steps): (seconds, flops)."""
     diffusion = tft2v.Diffusion(tft2v.DiffusionConfig())
     context = torch.randn(batch, context_len, model.config.context_dim, device=device)
 
@@ -117,10 +119,14 @@ def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_l
 
     fn = tft2v.classifier_free_guidance(net, context, torch.zeros_like(context), 9.0)
     shape = (batch, model.config.out_channels, frames, size, size)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with torch.no_grad(), unet3d.channels_last_convs(
             model, tft2v.sampling_channels_last(device, dtype)):  # as generate() does
-        return median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
-                           repeats, 1, device)
+        with counter:
+            diffusion.ddim_sample(fn, shape, 1, device=device)  # one step: one network call
+        seconds = median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
+                              repeats, 1, device)
+    return seconds, counter.get_total_flops() * steps
 
 
 def data_seconds(kind, batch, shapes_config, steps):
@@ -272,11 +278,13 @@ def main(argv=None):
         results["sampling"] = []
         for batch in map(int, args.sample_batches.split(",")):
             for dtype in dtypes:
-                seconds = sampling_seconds(model, batch, args.frames, args.size,
-                                           args.sample_steps, dtype, device, args.context_len,
-                                           max(1, args.steps // 2))
-                results["sampling"].append(dict(batch=batch, dtype=dtype,
-                                                steps=args.sample_steps, seconds=seconds))
+                seconds, flops = sampling_seconds(model, batch, args.frames, args.size,
+                                                  args.sample_steps, dtype, device,
+                                                  args.context_len, max(1, args.steps // 2))
+                results["sampling"].append(dict(
+                    batch=batch, dtype=dtype, steps=args.sample_steps, seconds=seconds,
+                    gflop=flops / 1e9, gflops=flops / seconds / 1e9,
+                    of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
         fastest = {b: min(r["step_s"] for r in results["runs"] if r["branch"] == b)
                    for b in ("motion", "content")}
         results["data"] = []
@@ -305,7 +313,8 @@ def main(argv=None):
               + (f"  (first step, compiling: {r['compile_s']:.1f} s)" if r["compiled"] else ""))
     for r in results.get("sampling", []):
         print(f"sampling {r['batch']:>2} video(s), DDIM {r['steps']} steps with guidance, "
-              f"{r['dtype']}: {r['seconds']:.2f} s")
+              f"{r['dtype']}: {r['seconds']:.2f} s ({r['gflop']:.0f} GFLOP, "
+              f"{r['gflops']:.1f} GFLOP/s, {r['of_matmul']:.0%} of matmul)")
     for r in results.get("data", []):
         print(f"data: a {r['branch']} batch of {r['batch']} renders in {r['seconds'] * 1e3:.1f} ms"
               f", {r['of_fastest_step']:.1%} of a step (the fastest step)")

@@ -1,11 +1,14 @@
 """bench.py runs end to end on a training preset and reports every figure it promises; the
 allocator setting it measures applies."""
 
+import dataclasses
 import json
 import platform
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import tft2v
@@ -30,6 +33,18 @@ def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_pa
     assert all(r["step_s"] > 0 and r["gflop"] > 0 for r in results["runs"])
     assert results["runs"][0]["batch"] == 4 and results["runs"][1]["batch"] == 32  # quick's
     assert [(r["batch"], r["steps"]) for r in results["sampling"]] == [(1, 2)]
+    # sampling's FLOPs: per step one UNet call on the guided batch (the video and its null twin)
+    preset = train.presets()["quick"]
+    model = unet3d.UNet3D(dataclasses.replace(preset["unet"],
+                                              context_dim=preset["clip"].transformer_width))
+    counter = FlopCounterMode(display=False, custom_mapping=bench.CPU_ATTENTION_FLOPS)
+    with torch.no_grad(), counter:
+        model(torch.randn(2, 3, 8, 32, 32), torch.tensor([999, 999]),
+              torch.randn(2, preset["clip"].context_length + preset["tft2v"].image_tokens,
+                          model.config.context_dim))
+    sampling = results["sampling"][0]
+    assert sampling["gflop"] == pytest.approx(2 * counter.get_total_flops() / 1e9)
+    assert sampling["gflops"] == pytest.approx(sampling["gflop"] / sampling["seconds"])
     assert {r["branch"] for r in results["data"]} == {"content", "motion"}
     assert all(0 < r["of_fastest_step"] < 1 for r in results["data"])
     assert results["peak_memory_mb"] > 0
