@@ -136,7 +136,8 @@ def presets():
     )
     # quick's UNet, 20,000 steps and the paired branch, whose clips also train the CLIP
     # (clip_trails), Muon as quick: on a 2-core Zen 3 EPYC (fp32), where 9,700-10,700 steps fit
-    # the 57-minute budget, shape 96.4, 98.4 and 99.0% in seeds 0-2, 88.5% with AdamW (seed 0).
+    # the 57-minute budget, shape 96.4, 98.4, 99.0 and 99.5% in seeds 0-3, 88.5% with AdamW
+    # (seed 0).
     # AdamW on a 2-core Emerald Rapids Xeon (fp32): 16,000-18,100 steps fit the budget on slow
     # hours, colour / shape 97.9-100 / 96.4-98.4% in 3 seeds; with the CLIP on images alone
     # 18,700-19,700 steps, shape 95.3-97.4% in 4 seeds but colour 93.8% in one. Until
