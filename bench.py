@@ -3,7 +3,7 @@ optimiser of train.py: a train.py preset's, else AdamW) of the motion branch (vi
 layers on) and of the content branch (images, F = 1, temporal layers off), in float32 and in
 bfloat16 autocast, with the parameter count, the step's FLOPs (torch.utils.flop_counter) and the
 achieved rate against a plain matmul measured in the same run; with --compile, each step again
-with the UNet under torch.compile.
+with the UNet under torch.compile, and each sampling run too (as sample.py --compile).
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
 guidance (one video and a batch; its FLOPs and rate too), the Shapes data pipeline's share of a
 step, and peak memory.
@@ -106,27 +106,34 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
 
 
-def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_len, repeats):
+def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_len, repeats,
+                     net=None):
     """Median time of DDIM sampling with classifier-free guidance (2 x batch per network call),
-    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate, and the FLOPs of
-    the whole sample (one step's network call counted, times the steps): (seconds, flops)."""
+    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate, the time of the
+    first sample (for `net`, a compiled twin of `model` run in its place: compiling included),
+    and the FLOPs of the whole sample (one step's network call of `model` counted, times the
+    steps): (seconds, first_seconds, flops)."""
     diffusion = tft2v.Diffusion(tft2v.DiffusionConfig())
     context = torch.randn(batch, context_len, model.config.context_dim, device=device)
 
-    def net(x, t, c):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            return model(x, t, c, use_temporal=frames > 1).float()
+    def guided(unet):
+        def call(x, t, c):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                return unet(x, t, c, use_temporal=frames > 1).float()
+        return tft2v.classifier_free_guidance(call, context, torch.zeros_like(context), 9.0)
 
-    fn = tft2v.classifier_free_guidance(net, context, torch.zeros_like(context), 9.0)
+    fn = guided(model if net is None else net)
     shape = (batch, model.config.out_channels, frames, size, size)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with torch.no_grad(), unet3d.channels_last_convs(
             model, tft2v.sampling_channels_last(device, dtype)):  # as generate() does
         with counter:
-            diffusion.ddim_sample(fn, shape, 1, device=device)  # one step: one network call
+            diffusion.ddim_sample(guided(model), shape, 1, device=device)  # one network call
+        first = median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device), 1, 0,
+                            device)
         seconds = median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
-                              repeats, 1, device)
-    return seconds, counter.get_total_flops() * steps
+                              repeats, 0, device)
+    return seconds, first, counter.get_total_flops() * steps
 
 
 def data_seconds(kind, batch, shapes_config, steps):
@@ -183,8 +190,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
     parser.add_argument("--compile", action="store_true",
                         help="also time every step with the UNet under torch.compile (as train.py "
-                             "--compile); the first compiled step's time, compilation included, "
-                             "is reported as compile_s")
+                             "--compile), and sampling as sample.py --compile; the first compiled "
+                             "call's time, compilation included, is reported as compile_s")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (see torch._dynamo.list_backends())")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -278,13 +285,15 @@ def main(argv=None):
         results["sampling"] = []
         for batch in map(int, args.sample_batches.split(",")):
             for dtype in dtypes:
-                seconds, flops = sampling_seconds(model, batch, args.frames, args.size,
-                                                  args.sample_steps, dtype, device,
-                                                  args.context_len, max(1, args.steps // 2))
-                results["sampling"].append(dict(
-                    batch=batch, dtype=dtype, steps=args.sample_steps, seconds=seconds,
-                    gflop=flops / 1e9, gflops=flops / seconds / 1e9,
-                    of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
+                for net in [None] + ([compiled] if compiled is not None else []):
+                    seconds, first, flops = sampling_seconds(
+                        model, batch, args.frames, args.size, args.sample_steps, dtype, device,
+                        args.context_len, max(1, args.steps // 2), net=net)
+                    results["sampling"].append(dict(
+                        batch=batch, dtype=dtype, steps=args.sample_steps,
+                        compiled=net is not None, compile_s=None if net is None else first,
+                        seconds=seconds, gflop=flops / 1e9, gflops=flops / seconds / 1e9,
+                        of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
         fastest = {b: min(r["step_s"] for r in results["runs"] if r["branch"] == b)
                    for b in ("motion", "content")}
         results["data"] = []
@@ -313,8 +322,10 @@ def main(argv=None):
               + (f"  (first step, compiling: {r['compile_s']:.1f} s)" if r["compiled"] else ""))
     for r in results.get("sampling", []):
         print(f"sampling {r['batch']:>2} video(s), DDIM {r['steps']} steps with guidance, "
-              f"{r['dtype']}: {r['seconds']:.2f} s ({r['gflop']:.0f} GFLOP, "
-              f"{r['gflops']:.1f} GFLOP/s, {r['of_matmul']:.0%} of matmul)")
+              f"{r['dtype']}{', compiled' if r['compiled'] else ''}: {r['seconds']:.2f} s "
+              f"({r['gflop']:.0f} GFLOP, {r['gflops']:.1f} GFLOP/s, {r['of_matmul']:.0%} of "
+              f"matmul)" + (f" (first sample, compiling: {r['compile_s']:.1f} s)"
+                            if r["compiled"] else ""))
     for r in results.get("data", []):
         print(f"data: a {r['branch']} batch of {r['batch']} renders in {r['seconds'] * 1e3:.1f} ms"
               f", {r['of_fastest_step']:.1%} of a step (the fastest step)")

@@ -50,18 +50,23 @@ def test_bench_on_the_quick_preset_reports_steps_sampling_data_and_memory(tmp_pa
     assert results["peak_memory_mb"] > 0
 
 
-def test_bench_compile_times_a_compiled_twin_of_every_step(monkeypatch):
-    """--compile adds, per branch and precision, the step with the UNet under torch.compile (the
-    "eager" backend here: the same tracing through torch._dynamo, without inductor's minutes of
-    code generation), with the same FLOP count and the first call's time as compile_s. On a
-    one-level UNet with every kind of block (tracing the `quick` UNet took twice as long)."""
-    monkeypatch.setitem(unet3d.PRESETS, "one-level", unet3d.UNetConfig(
-        channel_mult=(1,), attention_levels=(0,), temporal_conv_layers=1, num_groups=8))
+def test_bench_compile_times_a_compiled_twin_of_every_step_and_of_sampling(monkeypatch):
+    """--compile adds, per branch and precision, the step with the UNet under torch.compile, and
+    per sampling run the sample with the compiled UNet, as sample.py --compile (the "eager"
+    backend here: the same tracing through torch._dynamo, without inductor's minutes of code
+    generation), with the same FLOP counts and the first call's time as compile_s. On a
+    training preset with a one-level UNet that has every kind of block (tracing the `quick`
+    UNet took twice as long), 8x8 and 2 frames."""
+    quick = train.presets()["quick"]
+    mini = dict(quick, unet=unet3d.UNetConfig(channel_mult=(1,), attention_levels=(0,),
+                                              temporal_conv_layers=1, num_groups=8),
+                shapes=dataclasses.replace(quick["shapes"], resolution=8, frames=2),
+                train=dataclasses.replace(quick["train"], video_batch=1, image_batch=2))
+    monkeypatch.setattr(train, "presets", lambda: {"mini": mini})
     counters.clear()
-    results = bench.main(["--preset", "one-level", "--steps", "1", "--warmup", "0", "--dtypes",
-                          "fp32", "--size", "8", "--frames", "2", "--batch", "1",
-                          "--image-batch", "2", "--context-len", "5", "--matmul-size", "64",
-                          "--compile", "--compile-backend", "eager"])
+    results = bench.main(["--preset", "mini", "--steps", "1", "--warmup", "0", "--dtypes",
+                          "fp32", "--sample-steps", "2", "--sample-batches", "1",
+                          "--matmul-size", "64", "--compile", "--compile-backend", "eager"])
     runs = {(r["branch"], r["compiled"]): r for r in results["runs"]}
     assert set(runs) == {("motion", False), ("motion", True), ("content", False),
                          ("content", True)}
@@ -70,8 +75,13 @@ def test_bench_compile_times_a_compiled_twin_of_every_step(monkeypatch):
         assert compiled["gflop"] == eager["gflop"] > 0
         assert compiled["step_s"] > 0 and compiled["compile_s"] > 0
         assert eager["compile_s"] is None
-    assert counters["stats"]["unique_graphs"] >= 2  # dynamo captured the UNet, once per branch
-    assert results["optimizer"] == "adamw"  # a UNet preset's default
+    eager, compiled = sorted(results["sampling"], key=lambda r: r["compiled"])
+    assert not eager["compiled"] and compiled["compiled"] and eager["compile_s"] is None
+    assert compiled["gflop"] == eager["gflop"] > 0 and compiled["seconds"] > 0
+    assert compiled["compile_s"] > 0
+    # dynamo captured the UNet once per branch and once for sampling
+    assert counters["stats"]["unique_graphs"] >= 3
+    assert results["optimizer"] == "muon"  # quick's
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
