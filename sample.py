@@ -170,13 +170,21 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if prompts:
         check_prompts(prompts, model)
-    videos = torch.cat([
-        model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
-                       guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
-                       eta=args.eta, precision=precision, progress=True,
-                       maps=None if maps is None else maps.expand(n, -1, -1, -1, -1),
-                       guide_maps=args.guide_maps)
-        for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
+    compile_failed = ()  # the exception torch.compile raises when it cannot build the graph
+    if args.compile:
+        from torch._dynamo.exc import BackendCompilerFailed  # imported only here: ~1.6 s
+        compile_failed = BackendCompilerFailed
+    try:
+        videos = torch.cat([
+            model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
+                           guidance=args.guidance, sampler=args.sampler, seed=args.seed + k,
+                           eta=args.eta, precision=precision, progress=True,
+                           maps=None if maps is None else maps.expand(n, -1, -1, -1, -1),
+                           guide_maps=args.guide_maps)
+            for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
+    except compile_failed as e:  # e.g. no C++ compiler for inductor on a CPU
+        sys.exit(f"error: --compile could not compile the UNet ({tft2v.compile_failure(e)}); "
+                 f"run without --compile")
     paths = output_paths(args.out, len(videos))
     if paths[0].lower().endswith(".png") and maps is not None:  # condition rows first
         shown = maps[0][:, None].expand(-1, 3, -1, -1, -1)  # (K, 3, F, H, W) grey maps

@@ -87,6 +87,14 @@ def sampling_channels_last(device, precision):
     return device.type == "cpu" and precision == "fp32"
 
 
+def compile_failure(error):
+    """One line naming why torch.compile could not build a graph (--compile of train.py and
+    sample.py): its BackendCompilerFailed wraps the cause, e.g. no C++ compiler for inductor."""
+    cause = getattr(error, "inner_exception", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 def keep_freed_memory():
     """Have glibc's malloc keep freed memory for reuse rather than hand it back to the system.
 

@@ -578,6 +578,31 @@ def test_sample_py_compile_draws_the_same_video_through_a_compiled_unet(checkpoi
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.parametrize("program", ["sample", "train"])
+def test_compile_that_cannot_build_the_graph_is_a_one_line_error(program, checkpoint, tmp_path,
+                                                                 monkeypatch):
+    """--compile where torch.compile fails at the first call (here: inductor finds no C++
+    compiler, as on a CPU without one) stops sample.py and train.py with one line naming the
+    cause, not torch's traceback."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def compile_without_a_cxx(fn, **kwargs):
+        def call(*args, **kw):
+            raise BackendCompilerFailed("inductor", InvalidCxxCompiler(), None)
+        return call
+    monkeypatch.setattr(torch, "compile", compile_without_a_cxx)
+    monkeypatch.setattr(train, "set_backend_flags", lambda: None)  # process-wide flags
+    with pytest.raises(SystemExit, match=r"^error: --compile could not compile the UNet "
+                                         r"\(InvalidCxxCompiler: No working C\+\+ compiler") as e:
+        if program == "sample":
+            sample.main(["--ckpt", checkpoint, "--prompt", "a big red circle", "--steps", "2",
+                         "--compile", "--out", str(tmp_path / "v.gif")])
+        else:
+            train.main(TINY + ["--out", str(tmp_path / "run"), "--steps", "2", "--compile"])
+    assert "\n" not in str(e.value)
+
+
 def test_sample_py_run_folder_and_image_conditioning(checkpoint, tmp_path):
     from PIL import Image
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
