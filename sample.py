@@ -170,10 +170,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if prompts:
         check_prompts(prompts, model)
-    compile_failed = ()  # the exception torch.compile raises when it cannot build the graph
-    if args.compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # imported only here: ~1.6 s
-        compile_failed = BackendCompilerFailed
     try:
         videos = torch.cat([
             model.generate(prompts, images, frames=frames, size=size, steps=args.steps,
@@ -182,7 +178,7 @@ def main(argv=None):
                            maps=None if maps is None else maps.expand(n, -1, -1, -1, -1),
                            guide_maps=args.guide_maps)
             for k in range(args.num)]).cpu()  # (num * n, C, F, H, W)
-    except compile_failed as e:  # e.g. no C++ compiler for inductor on a CPU
+    except tft2v.compile_errors(args.compile) as e:  # e.g. no C++ compiler on a CPU
         sys.exit(f"error: --compile could not compile the UNet ({tft2v.compile_failure(e)}); "
                  f"run without --compile")
     paths = output_paths(args.out, len(videos))

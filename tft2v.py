@@ -87,9 +87,19 @@ def sampling_channels_last(device, precision):
     return device.type == "cpu" and precision == "fp32"
 
 
+def compile_errors(compiling):
+    """For an `except` clause around work that may run under torch.compile (--compile of
+    train.py and sample.py): the exception torch raises when it cannot build a graph, or none
+    when not compiling (torch._dynamo, ~1.6 s to import, is then never imported)."""
+    if not compiling:
+        return ()
+    from torch._dynamo.exc import BackendCompilerFailed
+    return BackendCompilerFailed
+
+
 def compile_failure(error):
-    """One line naming why torch.compile could not build a graph (--compile of train.py and
-    sample.py): its BackendCompilerFailed wraps the cause, e.g. no C++ compiler for inductor."""
+    """One line naming why torch.compile could not build a graph: its BackendCompilerFailed
+    wraps the cause, e.g. no C++ compiler for inductor on a CPU."""
     cause = getattr(error, "inner_exception", None) or error
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

@@ -896,16 +896,12 @@ def set_backend_flags():
 def main(argv=None):
     set_backend_flags()
     configs = parse_args(argv)
-    compile_failed = ()  # the exception torch.compile raises when it cannot build the graph
-    if configs["train"].compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # imported only here: ~1.6 s
-        compile_failed = BackendCompilerFailed
     try:
         train(configs)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the diffusion stage
         sys.exit(f"interrupted: stopped at once; --resume continues from the last checkpoint "
                  f"in {configs['train'].out}, if any")
-    except compile_failed as e:  # e.g. no C++ compiler for inductor on a CPU
+    except tft2v.compile_errors(configs["train"].compile) as e:  # e.g. no C++ compiler
         sys.exit(f"error: --compile could not compile the UNet ({tft2v.compile_failure(e)}); "
                  f"run without --compile (--resume continues from the last checkpoint in "
                  f"{configs['train'].out}, if any)")
