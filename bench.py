@@ -3,7 +3,8 @@ optimiser of train.py: a train.py preset's, else AdamW) of the motion branch (vi
 layers on) and of the content branch (images, F = 1, temporal layers off), in float32 and in
 bfloat16 autocast, with the parameter count, the step's FLOPs (torch.utils.flop_counter) and the
 achieved rate against a plain matmul measured in the same run; with --compile, each step again
-with the UNet under torch.compile, and each sampling run too (as sample.py --compile).
+with the UNet under torch.compile, and each sampling run too (as sample.py --compile), the eager
+and compiled calls timed in alternating rounds.
 With a train.py preset (quick, toy, gpu) it also times DDIM sampling with classifier-free
 guidance (one video and a batch; its FLOPs and rate too), the Shapes data pipeline's share of a
 step, and peak memory.
@@ -53,18 +54,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def median_times(fns, steps, warmup, device):
+    """Median wall time of each fn() over `steps` rounds that call every fn once in turn, after
+    `warmup` untimed rounds: where the machine's speed drifts (a shared CPU), the fns share its
+    slow and fast moments, so that eager and compiled compare fairly within one run."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, fn_times in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(fn_times) for fn_times in times]
+
+
 def median_time(fn, steps, warmup, device):
     """Median wall time of fn() over `steps` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_times([fn], steps, warmup, device)[0]
 
 
 def matmul_gflops(dtype, n, steps, device):
@@ -107,12 +117,13 @@ def peak_memory_mb(device):
 
 
 def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_len, repeats,
-                     net=None):
-    """Median time of DDIM sampling with classifier-free guidance (2 x batch per network call),
-    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate, the time of the
-    first sample (for `net`, a compiled twin of `model` run in its place: compiling included),
-    and the FLOPs of the whole sample (one step's network call of `model` counted, times the
-    steps): (seconds, first_seconds, flops)."""
+                     nets=(None,)):
+    """Median times of DDIM sampling with classifier-free guidance (2 x batch per network call),
+    through the same Diffusion.ddim_sample and guidance code as TFT2V.generate, with each of
+    `nets` (None: `model`; else a compiled twin of it, run in its place) in alternating rounds;
+    the time of each one's first sample (a twin's includes compiling); and the FLOPs of the
+    whole sample (one step's network call of `model` counted, times the steps):
+    ([seconds], [first_seconds], flops)."""
     diffusion = tft2v.Diffusion(tft2v.DiffusionConfig())
     context = torch.randn(batch, context_len, model.config.context_dim, device=device)
 
@@ -122,17 +133,16 @@ def sampling_seconds(model, batch, frames, size, steps, dtype, device, context_l
                 return unet(x, t, c, use_temporal=frames > 1).float()
         return tft2v.classifier_free_guidance(call, context, torch.zeros_like(context), 9.0)
 
-    fn = guided(model if net is None else net)
     shape = (batch, model.config.out_channels, frames, size, size)
+    samples = [lambda fn=guided(model if net is None else net):
+               diffusion.ddim_sample(fn, shape, steps, device=device) for net in nets]
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with torch.no_grad(), unet3d.channels_last_convs(
             model, tft2v.sampling_channels_last(device, dtype)):  # as generate() does
         with counter:
             diffusion.ddim_sample(guided(model), shape, 1, device=device)  # one network call
-        first = median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device), 1, 0,
-                            device)
-        seconds = median_time(lambda: diffusion.ddim_sample(fn, shape, steps, device=device),
-                              repeats, 0, device)
+        first = [median_time(sample, 1, 0, device) for sample in samples]
+        seconds = median_times(samples, repeats, 0, device)
     return seconds, first, counter.get_total_flops() * steps
 
 
@@ -262,33 +272,36 @@ def main(argv=None):
                 forward_backward()
             optimiser.zero_grad(set_to_none=True)
             flops = counter.get_total_flops()  # a compiled step does the same arithmetic
-            timed = [(False, step)]
+            twins = [step]  # eager, and compiled with --compile
             if compiled is not None:
-                timed.append((True, make_step(model, optimiser, batch, frames, args.size,
-                                              use_temporal, dtype, device, args.context_len,
-                                              net=compiled)[0]))
-            for is_compiled, run in timed:
-                if device.type == "cuda":
+                twins.append(make_step(model, optimiser, batch, frames, args.size, use_temporal,
+                                       dtype, device, args.context_len, net=compiled)[0])
+            # the first compiled call traces and compiles: its time, once, is compile_s
+            compile_s = median_time(twins[1], 1, 0, device) if compiled is not None else None
+            seconds = median_times(twins, args.steps, args.warmup, device)
+            for is_compiled, run, step_s in zip((False, True), twins, seconds):
+                peak_mb = None
+                if device.type == "cuda":  # one more call alone, for its own peak
                     torch.cuda.reset_peak_memory_stats(device)
-                # the first compiled call traces and compiles: its time, once, is compile_s
-                compile_s = median_time(run, 1, 0, device) if is_compiled else None
-                seconds = median_time(run, args.steps, args.warmup, device)
+                    run()
+                    peak_mb = peak_memory_mb(device)
                 results["runs"].append(dict(
-                    branch=name, dtype=dtype, compiled=is_compiled, compile_s=compile_s,
-                    peak_mb=peak_memory_mb(device) if device.type == "cuda" else None,
-                    batch=batch, frames=frames, size=args.size, step_s=seconds,
-                    gflop=flops / 1e9, gflops=flops / seconds / 1e9,
-                    of_matmul=flops / seconds / 1e9 / results["matmul_gflops"][dtype]))
+                    branch=name, dtype=dtype, compiled=is_compiled,
+                    compile_s=compile_s if is_compiled else None, peak_mb=peak_mb,
+                    batch=batch, frames=frames, size=args.size, step_s=step_s,
+                    gflop=flops / 1e9, gflops=flops / step_s / 1e9,
+                    of_matmul=flops / step_s / 1e9 / results["matmul_gflops"][dtype]))
 
     if preset is not None:
         model.eval()
         results["sampling"] = []
+        nets = [None] + ([compiled] if compiled is not None else [])
         for batch in map(int, args.sample_batches.split(",")):
             for dtype in dtypes:
-                for net in [None] + ([compiled] if compiled is not None else []):
-                    seconds, first, flops = sampling_seconds(
-                        model, batch, args.frames, args.size, args.sample_steps, dtype, device,
-                        args.context_len, max(1, args.steps // 2), net=net)
+                all_seconds, all_first, flops = sampling_seconds(
+                    model, batch, args.frames, args.size, args.sample_steps, dtype, device,
+                    args.context_len, max(1, args.steps // 2), nets=nets)
+                for net, seconds, first in zip(nets, all_seconds, all_first):
                     results["sampling"].append(dict(
                         batch=batch, dtype=dtype, steps=args.sample_steps,
                         compiled=net is not None, compile_s=None if net is None else first,

@@ -84,6 +84,14 @@ def test_bench_compile_times_a_compiled_twin_of_every_step_and_of_sampling(monke
     assert results["optimizer"] == "muon"  # quick's
 
 
+def test_median_times_alternates_the_timed_calls_so_a_drifting_machine_slows_them_alike():
+    calls = []
+    fns = [lambda: calls.append("eager"), lambda: calls.append("compiled")]
+    times = bench.median_times(fns, 3, 1, torch.device("cpu"))
+    assert calls == ["eager", "compiled"] * 4  # one warm-up round, then three timed ones
+    assert len(times) == 2 and all(t >= 0 for t in times)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc():
     assert tft2v.keep_freed_memory()
